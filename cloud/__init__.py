@@ -1,0 +1,1 @@
+"""Cloud control plane: fleet, enrollment, deployments, model publishing, training."""

@@ -1,0 +1,1 @@
+"""Deployment assets and the local real-services launcher (`edgefleet services`)."""

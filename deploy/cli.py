@@ -1,0 +1,119 @@
+"""The `edgefleet` command line.
+
+Each subcommand lives with its component and is imported only when it runs, so
+`edgefleet agent …` on a gateway device never imports the cloud stack. A subcommand
+module exposes `add_arguments(parser)` and `run(args) -> int`.
+
+Benchmarks are registered by name in `BENCHES`: each entry is "module:function", where
+the function takes no arguments and returns a JSON-serialisable dict of figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from collections.abc import Callable, Sequence
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+__all__ = ["BENCHES", "COMMANDS", "main"]
+
+# name -> (module, one-line help). Modules are imported lazily.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "services": (
+        "edgefleet.deploy.services_cli",
+        "start, stop and inspect the local real services (PostgreSQL, Mosquitto, Kafka, S3, "
+        "MLflow, Prometheus)",
+    ),
+}
+
+# bench name -> "module:function" returning a dict of figures.
+BENCHES: dict[str, str] = {
+    "wire": "edgefleet.protocols.bench:bench_wire",
+}
+
+
+class CliError(Exception):
+    """A user-facing error: printed as one line, exit status 2 unless given."""
+
+    def __init__(self, message: str, exit_code: int = 2) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def _version() -> str:
+    try:
+        return version("edgefleet")
+    except PackageNotFoundError:  # running from a source tree that is not installed
+        return "0+unknown"
+
+
+def _load(ref: str) -> Any:
+    module_name, _, attr = ref.partition(":")
+    module = importlib.import_module(module_name)
+    return getattr(module, attr) if attr else module
+
+
+def _add_bench(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    bench = subparsers.add_parser(
+        "bench",
+        help="run a named benchmark and print its figures",
+        description="Run a named benchmark. Figures go to stdout; record them in BENCHMARKS.md.",
+    )
+    bench.add_argument("name", choices=sorted(BENCHES), help="which benchmark")
+    bench.add_argument("--json", action="store_true", help="print one JSON object")
+    bench.set_defaults(handler=_run_bench)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    bench_fn: Callable[[], dict[str, Any]] = _load(BENCHES[args.name])
+    figures = bench_fn()
+    if args.json:
+        print(json.dumps(figures, sort_keys=True))
+    else:
+        width = max(len(k) for k in figures)
+        for key, value in figures.items():
+            print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edgefleet",
+        description=(
+            "Industrial edge MLOps: edge agents read PLCs and run ONNX models, a fog gateway "
+            "lands the data, a control plane retrains and rolls models out in waves."
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"edgefleet {_version()}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        sub = subparsers.add_parser(name, help=help_text, description=help_text)
+        module = importlib.import_module(module_name)
+        module.add_arguments(sub)
+        sub.set_defaults(handler=module.run)
+    _add_bench(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler = getattr(args, "handler", None)
+    if handler is None:
+        parser.print_help()
+        return 2
+    try:
+        code: int = handler(args)
+    except CliError as err:
+        print(f"edgefleet {args.command}: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

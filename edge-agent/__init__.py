@@ -1,0 +1,1 @@
+"""The on-device agent: sources → SQLite buffer → ONNX inference → forwarder."""

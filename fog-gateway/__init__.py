@@ -1,0 +1,1 @@
+"""Fog gateway: authenticated ingest → Kafka → TimescaleDB sink; device status."""

@@ -1,0 +1,1 @@
+"""Field protocols as reading sources, and the wire schema every tier speaks."""
