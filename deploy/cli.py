@@ -22,6 +22,10 @@ __all__ = ["BENCHES", "COMMANDS", "main"]
 
 # name -> (module, one-line help). Modules are imported lazily.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": (
+        "edgefleet.deploy.demo",
+        "run the main job end to end (today: a batch stream through the real services)",
+    ),
     "services": (
         "edgefleet.deploy.services_cli",
         "start, stop and inspect the local real services (PostgreSQL, Mosquitto, Kafka, S3, "
@@ -116,4 +120,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run through the canonical module, so `CliError` raised by subcommands (which import
+    # `edgefleet.deploy.cli`) is the class caught here, not a `__main__` copy of it.
+    from edgefleet.deploy.cli import main as canonical_main
+
+    sys.exit(canonical_main())

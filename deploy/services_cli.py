@@ -15,7 +15,9 @@ _SERVICE_NAMES = ("postgres", "mosquitto", "kafka", "s3", "mlflow", "prometheus"
 def _port_pin(text: str) -> tuple[str, int]:
     name, sep, port = text.partition("=")
     if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise argparse.ArgumentTypeError(f"expected NAME=PORT (e.g. postgres=15432), got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected NAME=PORT (e.g. postgres=15432), got {text!r}"
+        )
     return name, int(port)
 
 
@@ -36,7 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     actions.add_parser("down", help="stop every service; data is kept")
     actions.add_parser("status", help="health of each service; exit 1 unless all are healthy")
-    actions.add_parser("env", help="print shell exports for clients: eval \"$(edgefleet services env)\"")
+    actions.add_parser(
+        "env", help='print shell exports for clients: eval "$(edgefleet services env)"'
+    )
     device = actions.add_parser(
         "mqtt-device", help="create a Mosquitto account confined to one device's topics"
     )
@@ -66,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
                 print(f"no stack in {launcher.root}")
                 return 1
             for status in statuses:
-                mark = "healthy" if status.healthy else ("UNHEALTHY" if status.running else "stopped")
+                mark = "healthy" if status.healthy else "UNHEALTHY"
+                mark = mark if status.running else "stopped"
                 pid = f"pid {status.pid}" if status.pid else "-"
                 print(f"{status.name:<11} {mark:<9} {pid:<11} {status.detail}")
             return 0 if all(status.healthy for status in statuses) else 1

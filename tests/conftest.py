@@ -17,7 +17,7 @@ from edgefleet.deploy.services import Launcher
 def make_stack_dir(prefix: str) -> Path:
     """A fresh folder the services' system users (postgres, mosquitto) can traverse."""
     path = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
-    os.chmod(path, 0o755)
+    os.chmod(path, 0o755)  # noqa: S103 - system users must traverse it
     return path / "stack"
 
 

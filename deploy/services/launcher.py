@@ -22,6 +22,7 @@ Contracts:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -276,7 +277,8 @@ class Launcher:
         previous = state.get("ports", {}) if state else {}
         assert isinstance(previous, dict)
         self.root.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.root, 0o755)  # system users (postgres, mosquitto) must traverse it
+        # System users (postgres, mosquitto) must traverse it; secrets inside stay 0600.
+        os.chmod(self.root, 0o755)  # noqa: S103
         ctx = StackContext(
             self.root,
             self._allocate_ports(services, ports or {}, {k: int(v) for k, v in previous.items()}),
@@ -326,7 +328,8 @@ class Launcher:
             **spec.env,
         }
         with open(log_path, "ab") as log:
-            log.write(f"\n--- start {datetime.now(UTC).isoformat()}: {shlex.join(spec.argv)}\n".encode())
+            started_at = datetime.now(UTC).isoformat()
+            log.write(f"\n--- start {started_at}: {shlex.join(spec.argv)}\n".encode())
             log.flush()
             process = subprocess.Popen(
                 spec.argv,
@@ -384,10 +387,8 @@ class Launcher:
             if self._stop_group(processes[name], sig, grace):
                 stopped.append(name)
         for pid in _marked_pids(self.root):  # stragglers that left their process group
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         return stopped
 
     @staticmethod
@@ -403,10 +404,8 @@ class Launcher:
             if not _pid_alive(pid):
                 break
             time.sleep(0.05)
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGKILL)  # the leader may be gone while children linger
-        except ProcessLookupError:
-            pass
         deadline = time.monotonic() + 5
         while _pid_alive(pid) and time.monotonic() < deadline:
             time.sleep(0.05)

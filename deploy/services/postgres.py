@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import ClassVar
 
 from .base import (
-    LaunchSpec,
     LauncherError,
+    LaunchSpec,
     MissingBinary,
     Service,
     StackContext,

@@ -240,7 +240,7 @@ def test_s3_put_get_and_no_anonymous_access(stack_env: dict[str, str]) -> None:
     anonymous = httpx.get(f"{endpoint}/{bucket}/it/blob.bin", timeout=10)
     assert anonymous.status_code == 403, anonymous.text
     stranger = s3_client(endpoint, "not-a-key", "not-a-secret")
-    with pytest.raises(Exception, match="(?i)access ?denied|InvalidAccessKeyId|Forbidden|403"):
+    with pytest.raises(Exception, match=r"(?i)access ?denied|InvalidAccessKeyId|Forbidden|403"):
         stranger.get_object(Bucket=bucket, Key="it/blob.bin")
 
 
