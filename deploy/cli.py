@@ -1,8 +1,10 @@
 """The `edgefleet` command line.
 
-Each subcommand lives with its component and is imported only when it runs, so
-`edgefleet agent …` on a gateway device never imports the cloud stack. A subcommand
-module exposes `add_arguments(parser)` and `run(args) -> int`.
+Each subcommand lives with its component in a module that exposes
+`add_arguments(parser)` and `run(args) -> int`. Building the parser imports those
+modules, so they import only the standard library at module level and bring in their
+heavy dependencies inside `run`: `edgefleet agent …` on a gateway device never imports
+the cloud stack.
 
 Benchmarks are registered by name in `BENCHES`: each entry is "module:function", where
 the function takes no arguments and returns a JSON-serialisable dict of figures.
