@@ -28,6 +28,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "edgefleet.deploy.demo",
         "run the main job end to end (today: a batch stream through the real services)",
     ),
+    "sim": (
+        "edgefleet.firmware_sim.cli",
+        "run simulated PLCs (Modbus, OPC UA, MQTT) with labelled anomalies; "
+        "`sim registers` prints the Modbus map",
+    ),
     "services": (
         "edgefleet.deploy.services_cli",
         "start, stop and inspect the local real services (PostgreSQL, Mosquitto, Kafka, S3, "
