@@ -37,6 +37,9 @@ $(STAMP): pyproject.toml
 	@[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[all,dev]'
+	@# An independent Sparkplug B peer for the tests. It pins paho-mqtt<2, which we do not
+	@# use through it (only its payload code), so it is installed without its dependencies.
+	$(BIN)/python -m pip install -q --no-deps 'pysparkplug==0.6.1'
 	@touch $@
 
 venv: $(STAMP)

@@ -14,7 +14,7 @@ assets:
   - {name: compressor-01, kind: compressor, protocol: opcua}
   - {name: conveyor-01, kind: conveyor, protocol: mqtt}
 modbus: {byte_order: big, word_order: big}
-mqtt: {broker_url: "mqtt://user:password@127.0.0.1:1883"}
+mqtt: {broker: "mqtt://user:password@127.0.0.1:1883"}
 ```
 """
 
@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from .modbus_server import ModbusSimConfig
 from .model import AssetKind, LabelEvent, Plant
+from .mqtt_publisher import MqttSimConfig
 from .opcua_server import OpcUaSimConfig
 
 __all__ = ["PROTOCOLS", "AssetConfig", "Scenario", "ScenarioError"]
@@ -63,6 +64,7 @@ class Scenario(BaseModel):
     assets: list[AssetConfig] = Field(min_length=1, max_length=1000)
     modbus: ModbusSimConfig = ModbusSimConfig()
     opcua: OpcUaSimConfig = OpcUaSimConfig()
+    mqtt: MqttSimConfig | None = None  # needs a broker; see `edgefleet sim --mqtt-url`
 
     @model_validator(mode="after")
     def _unique_names(self) -> Scenario:

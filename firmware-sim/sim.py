@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 from pathlib import Path
 
@@ -32,8 +33,21 @@ def build_servers(
         from .opcua_server import OpcUaSimServer
 
         servers.append(OpcUaSimServer(scenario.opcua, plant, assets))
-    if scenario.assets_on("mqtt"):
-        raise SimError("MQTT assets are not served yet in this build; use modbus or opcua")
+    if assets := scenario.assets_on("mqtt"):
+        from .mqtt_publisher import MqttSimConfig, MqttSimPublisher
+
+        config = scenario.mqtt
+        url = mqtt_url or os.environ.get("EDGEFLEET_MQTT_URL")
+        if url:
+            config = MqttSimConfig.model_validate(
+                {**(config.model_dump() if config else {}), "broker": url}
+            )
+        if config is None:
+            raise SimError(
+                "MQTT assets need a broker: pass --mqtt-url, set EDGEFLEET_MQTT_URL "
+                "(`eval \"$(edgefleet services env)\"`), or give `mqtt.broker` in the scenario"
+            )
+        servers.append(MqttSimPublisher(config, plant, assets))
     return servers
 
 
@@ -42,6 +56,8 @@ def describe(servers: list[ProtocolServer]) -> dict[str, object]:
     endpoints: dict[str, object] = {}
     for server in servers:
         found = getattr(server, "endpoints", None) or getattr(server, "endpoint", None)
+        if server.name == "mqtt":
+            found = {"topics": getattr(getattr(server, "config", None), "json_topic", None)}
         if found is not None:
             endpoints[server.name] = found
     return endpoints

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import signal
 import subprocess
@@ -83,3 +84,50 @@ def test_sim_serves_modbus_and_opcua_and_writes_labels(tmp_path: Path) -> None:
         process.send_signal(signal.SIGTERM)
         _, err = process.communicate(timeout=30)
     assert process.returncode == 0, err
+
+
+def test_sim_publishes_mqtt_assets_to_the_stack_broker(stack_env: dict[str, str]) -> None:
+    from urllib.parse import urlsplit
+
+    url = urlsplit(stack_env["EDGEFLEET_MQTT_URL"])
+    # Subscribe with Mosquitto's own client before the simulator starts publishing.
+    subscriber = subprocess.Popen(
+        ["mosquitto_sub", "-h", str(url.hostname), "-p", str(url.port), "-u",
+         str(url.username), "-P", str(url.password), "-t", "plant/+/telemetry", "-C", "3",
+         "-W", "60", "-v"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    sim = subprocess.Popen(
+        [sys.executable, "-m", "edgefleet.deploy.cli", "sim", "--assets", "3",
+         "--protocols", "mqtt", "--duration", "60"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "EDGEFLEET_MQTT_URL": stack_env["EDGEFLEET_MQTT_URL"]},
+    )
+    try:
+        out, err = subscriber.communicate(timeout=90)
+        assert subscriber.returncode == 0, err
+        lines = out.strip().splitlines()
+        assert len(lines) == 3
+        topic, payload = lines[0].split(" ", 1)
+        asset = topic.split("/")[1]
+        assert asset in {"pump-01", "compressor-02", "conveyor-03"}
+        message = json.loads(payload)
+        assert set(message["values"]) == {"speed", "flow", "pressure", "current",
+                                          "temperature", "vibration"}
+        assert message["status"]["anomaly"] in (True, False)
+    finally:
+        sim.send_signal(signal.SIGTERM)
+        _, sim_err = sim.communicate(timeout=30)
+    assert sim.returncode == 0, sim_err
+
+
+def test_sim_without_a_broker_says_how_to_get_one() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "EDGEFLEET_MQTT_URL"}
+    result = subprocess.run(
+        [sys.executable, "-m", "edgefleet.deploy.cli", "sim", "--assets", "2",
+         "--protocols", "mqtt", "--duration", "1"],
+        capture_output=True, text=True, timeout=60, env=env,
+    )
+    assert result.returncode == 2
+    assert "--mqtt-url" in result.stderr and "EDGEFLEET_MQTT_URL" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
