@@ -43,6 +43,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 # bench name -> "module:function" returning a dict of figures.
 BENCHES: dict[str, str] = {
     "wire": "edgefleet.protocols.bench:bench_wire",
+    "protocols": "edgefleet.protocols.bench_protocols:bench_protocols",
 }
 
 

@@ -1,0 +1,29 @@
+"""The benchmark commands run as users type them (short durations; figures are in
+BENCHMARKS.md, not asserted as timings here)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+def test_bench_protocols_prints_every_figure() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "edgefleet.deploy.cli", "bench", "protocols", "--json"],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "EDGEFLEET_BENCH_SECONDS": "1"},
+    )
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout)
+    for key in ("modbus_readings_per_s", "opcua_tags_per_s", "mqtt_msgs_per_s"):
+        assert figures[key] > 0, key
+    assert 0 < figures["modbus_cpu_percent"] <= 100 * os.cpu_count()  # type: ignore[operator]
+    # Nothing is lost on the way: every published MQTT message was decoded.
+    assert figures["mqtt_decoded"] == figures["mqtt_published"]
+    assert figures["modbus_bad_samples"] == 0 and figures["opcua_bad_samples"] == 0
