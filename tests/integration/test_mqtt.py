@@ -434,3 +434,51 @@ def test_broker_restart_is_survived(private_broker: Launcher) -> None:
             await harness.close()
 
     run(scenario())
+
+
+def test_simulator_restart_is_survived(stack_env: dict[str, str]) -> None:
+    """The publisher process goes away (its will, NDEATH, marks the tags bad) and a new one
+    comes up with a new bdSeq and births: the same sources resume without a restart."""
+    url = stack_env["EDGEFLEET_MQTT_URL"]
+    prefix, group = unique("restart"), unique("grp")
+
+    async def scenario() -> None:
+        config = MqttSimConfig(broker=url, publish_interval_s=0.1,
+                               json_topic=prefix + "/{asset}/telemetry", sparkplug=True,
+                               group_id=group, client_id=unique("sim"))
+        harness = Harness(config)
+        json_src, spb_src = json_source(url, prefix), sparkplug_source(url, group)
+        json_samples: list[Sample] = []
+        spb_samples: list[Sample] = []
+        tasks = [asyncio.create_task(json_src.run(json_samples.append)),
+                 asyncio.create_task(spb_src.run(spb_samples.append))]
+        try:
+            await wait_for(lambda: json_src.connected and spb_src.connected, "sources up")
+            await harness.start()
+            await wait_for(lambda: len(json_samples) > 20 and len(spb_samples) > 20,
+                           "samples from the first simulator")
+            first = harness.publisher
+            assert first is not None
+            await first.stop()
+            await wait_for(lambda: any(s.quality is Quality.BAD for s in spb_samples),
+                           "the death to mark the Sparkplug tags bad")
+
+            second = MqttSimPublisher(config, harness.plant)
+            harness.publisher = second
+            await second.start()
+            json_mark, spb_mark = len(json_samples), len(spb_samples)
+            await wait_for(lambda: len(json_samples) > json_mark + 20
+                           and sum(s.quality is Quality.GOOD
+                                   for s in spb_samples[spb_mark:]) > 20,
+                           "samples from the restarted simulator", timeout=60)
+            assert harness.check_against_plant(json_samples) > 40
+            assert harness.check_against_plant(
+                [s for s in spb_samples if s.quality is Quality.GOOD]) > 40
+            assert not any(task.done() for task in tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await harness.close()
+
+    run(scenario())
