@@ -1,46 +1,60 @@
 """`edgefleet demo`: what exists so far, run end to end on real services.
 
-Until the full demo lands (simulated plant, agents, fog, training, rollout), this shows
-the foundation working together: it starts the real-services stack in a private folder,
-then a device streams batches in the binary wire format over MQTT (with its own
-ACL-confined account), a bridge validates them and produces them to Kafka (idempotent,
-acks=all, keyed by device), and a sink lands them in PostgreSQL deduplicated on
-`(device, seq)`, committing Kafka offsets only after the database commit. One batch is
-sent twice (an edge retry after a lost acknowledgement) and one message is garbage: the
-report shows the duplicate absorbed and the garbage rejected and counted.
+Until the full demo lands (agents, fog gateway, training, rollout), this shows the
+pieces that exist working together:
+
+1. the real-services stack starts in a private folder (`edgefleet services`);
+2. the simulated plant runs: assets served over Modbus TCP, OPC UA and MQTT, with
+   labelled anomaly episodes written to a JSONL file;
+3. a gateway reads it through the real sources (ModbusSource, OpcUaSource, MqttSource),
+   stamps every sample with its device name and a gap-free seq, and ships contiguous
+   batches in the binary wire format over MQTT, on its own ACL-confined account;
+4. a bridge validates each batch and produces it to Kafka (idempotent, acks=all, keyed by
+   device); a sink lands the batches in PostgreSQL, deduplicated on `(device, seq)`,
+   committing Kafka offsets only after the database commit. One batch is sent twice (an
+   edge retry after a lost acknowledgement) and one message is garbage;
+5. the report shows every reading landed exactly once, the garbage rejected and counted.
+
+The gateway here is a stand-in that holds samples in memory: the real edge agent, with
+its durable SQLite buffer, is the next component to land.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import shutil
 import tempfile
 import threading
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 __all__ = ["add_arguments", "run"]
 
-DEVICE = "demo-press-1"
-ASSETS = {"pump-1": ("flow", "pressure", "temperature"), "fan-2": ("speed", "vibration")}
+DEVICE = "demo-gateway-1"
 TOPIC = f"edgefleet/devices/{DEVICE}/batches"
 KAFKA_TOPIC = "edgefleet.readings"
+SHIP_EVERY_S = 0.5
+MAX_BATCH = 1000
+MAX_PENDING = 200_000  # the stand-in gateway's bound; the demo's rates stay far below it
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--batches", type=int, default=40, help="batches to send (%(default)s)")
-    parser.add_argument(
-        "--batch-size", type=int, default=500, help="readings per batch (%(default)s)"
-    )
-    parser.add_argument(
-        "--keep", action="store_true", help="leave the stack running afterwards"
-    )
+    parser.add_argument("--assets", type=int, default=6,
+                        help="simulated assets, spread over Modbus, OPC UA, MQTT (%(default)s)")
+    parser.add_argument("--seconds", type=float, default=20.0,
+                        help="how long the gateway reads the plant (%(default)s)")
+    parser.add_argument("--time-scale", type=float, default=60.0,
+                        help="simulated seconds per wall second (%(default)s)")
+    parser.add_argument("--keep", action="store_true", help="leave the stack running afterwards")
 
 
 @dataclass
-class Counters:
+class BridgeCounters:
     received: int = 0
     rejected: int = 0
     produced: int = 0
@@ -48,30 +62,47 @@ class Counters:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-def _batches(count: int, size: int) -> list[bytes]:
-    import math
+class Gateway:
+    """Stamps samples with the device and a gap-free seq, and ships contiguous batches."""
 
-    from edgefleet.protocols.wire import Batch, Quality, Reading, encode_binary
+    def __init__(self, device_client: Any) -> None:
+        self.client = device_client
+        self.pending: list[Any] = []  # Samples, in arrival order
+        self.next_seq = 0
+        self.by_protocol: Counter[str] = Counter()
+        self.payloads: list[bytes] = []
+        self.overflow = 0
 
-    series = [(asset, tag) for asset, tags in ASSETS.items() for tag in tags]
-    t0 = time.time_ns()
-    encoded = []
-    seq = 0
-    for _ in range(count):
-        readings = []
-        for _ in range(size):
-            asset, tag = series[seq % len(series)]
-            value = 50 + 10 * math.sin(seq / 50)
-            readings.append(Reading(DEVICE, asset, tag, t0 + seq * 1_000_000, value,
-                                    Quality.GOOD, seq))
-            seq += 1
-        encoded.append(encode_binary(Batch(device=DEVICE, first_seq=readings[0].seq,
-                                           last_seq=readings[-1].seq,
-                                           readings=tuple(readings), sent_at=time.time_ns())))
-    return encoded
+    def emitter(self, protocol: str) -> Any:
+        def emit(sample: Any) -> None:
+            if len(self.pending) >= MAX_PENDING:
+                self.overflow += 1  # counted, never silent; the demo's rates never get here
+                return
+            self.pending.append(sample)
+            self.by_protocol[protocol] += 1
+
+        return emit
+
+    def ship(self) -> None:
+        from edgefleet.protocols.wire import Batch, Reading, encode_binary
+
+        samples, self.pending = self.pending, []
+        for start in range(0, len(samples), MAX_BATCH):
+            chunk = samples[start:start + MAX_BATCH]
+            readings = tuple(
+                Reading(DEVICE, s.asset, s.tag, s.ts_ns, s.value, s.quality, self.next_seq + i)
+                for i, s in enumerate(chunk)
+            )
+            batch = Batch(device=DEVICE, first_seq=self.next_seq,
+                          last_seq=self.next_seq + len(chunk) - 1, readings=readings,
+                          sent_at=time.time_ns())
+            self.next_seq += len(chunk)
+            payload = encode_binary(batch)
+            self.payloads.append(payload)
+            self.client.publish(TOPIC, payload, qos=1)
 
 
-def _mqtt_client(url: str, username: str | None = None, password: str | None = None):  # type: ignore[no-untyped-def]
+def _mqtt_client(url: str, username: str | None = None, password: str | None = None) -> Any:
     from urllib.parse import urlsplit
 
     import paho.mqtt.client as mqtt
@@ -88,17 +119,28 @@ def _mqtt_client(url: str, username: str | None = None, password: str | None = N
 
 def run(args: argparse.Namespace) -> int:
     import gc
+    import logging
+    import signal
 
     from edgefleet.deploy.services import Launcher
+
+    def stop_on_sigterm(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)  # unwinds through `finally`: the stack is stopped
+
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
+
+    # asyncua warns about its own defaults (plaintext-password endpoints on the simulator's
+    # None-security endpoint, session timeouts the server shortened): not the demo's news.
+    logging.getLogger("asyncua").setLevel(logging.ERROR)
 
     workdir = Path(tempfile.mkdtemp(prefix="edgefleet-demo-", dir="/tmp"))
     workdir.chmod(0o755)  # the services' system users must reach the stack folder
     launcher = Launcher(workdir / "stack")
-    print("1/4 starting the real-services stack")
+    print("1/5 starting the real-services stack")
     try:
         env = launcher.up(progress=True)
         password = launcher.add_mqtt_device(DEVICE)
-        code = _stream(env, password, args)
+        code = _stream(env, password, args, workdir)
         gc.collect()  # Kafka clients are gone before the broker stops: no reconnect noise
         return code
     finally:
@@ -109,7 +151,78 @@ def run(args: argparse.Namespace) -> int:
             shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _stream(env: dict[str, str], password: str, args: argparse.Namespace) -> int:
+async def _read_plant(
+    env: dict[str, str], gateway: Gateway, args: argparse.Namespace, labels: Path
+) -> dict[str, int]:
+    """Run the simulated plant and the gateway's three sources for `args.seconds`."""
+    from edgefleet.firmware_sim.mqtt_publisher import MqttSimConfig
+    from edgefleet.firmware_sim.opcua_server import node_id
+    from edgefleet.firmware_sim.runner import LabelWriter, SimRunner
+    from edgefleet.firmware_sim.scenario import Scenario
+    from edgefleet.firmware_sim.sim import build_servers
+    from edgefleet.protocols.mqtt import MqttSourceConfig
+    from edgefleet.protocols.opcua import OpcUaSourceConfig
+
+    scenario = Scenario.generate(
+        args.assets, ["modbus", "opcua", "mqtt"], anomaly_rate=0.3, seed=7,
+        time_scale=args.time_scale,
+        mqtt=MqttSimConfig.model_validate({"broker": env["EDGEFLEET_MQTT_URL"]}),
+    )
+    writer = LabelWriter(labels)
+    plant = scenario.build_plant(label_sink=writer)
+    servers = build_servers(scenario, plant)
+    runner = SimRunner(plant, servers, time_scale=scenario.time_scale)
+    stop = asyncio.Event()
+    sim_task = asyncio.create_task(runner.run(stop), name="plant")
+    await runner.started.wait()
+    by_name = {server.name: server for server in servers}
+
+    modbus = by_name["modbus"].source_config(timeout_s=1.0).build()  # type: ignore[attr-defined]
+    opcua = OpcUaSourceConfig.model_validate({
+        "endpoint": by_name["opcua"].endpoint,  # type: ignore[attr-defined]
+        "nodes": [{"asset": asset, "tag": tag, "node_id": node_id(asset, tag)}
+                  for asset in scenario.assets_on("opcua")
+                  for tag in ("speed", "flow", "pressure", "current", "temperature",
+                              "vibration")],
+    }).build()
+    mqtt = MqttSourceConfig.model_validate({
+        "broker": env["EDGEFLEET_MQTT_URL"],
+        "subscriptions": [{"format": "json", "topic": "plant/+/telemetry",
+                           "asset": {"topic_segment": 1}, "values_path": "values",
+                           "timestamp_path": "ts"}],
+    }).build()
+
+    async def poll_modbus() -> None:
+        emit = gateway.emitter("modbus")
+        while True:
+            for sample in await modbus.poll():
+                emit(sample)
+            await asyncio.sleep(SHIP_EVERY_S)
+
+    tasks = [
+        asyncio.create_task(poll_modbus(), name="modbus"),
+        asyncio.create_task(opcua.run(gateway.emitter("opcua")), name="opcua"),
+        asyncio.create_task(mqtt.run(gateway.emitter("mqtt")), name="mqtt"),
+    ]
+    deadline = time.monotonic() + args.seconds
+    try:
+        while time.monotonic() < deadline:
+            await asyncio.sleep(SHIP_EVERY_S)
+            gateway.ship()
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await modbus.close()
+        gateway.ship()
+        stop.set()
+        await sim_task
+        writer.close()
+    return {"episodes": sum(1 for e in plant.labels if e.event == "start"),
+            "assets": len(scenario.assets)}
+
+
+def _stream(env: dict[str, str], password: str, args: argparse.Namespace, workdir: Path) -> int:
     import psycopg
     from confluent_kafka import Consumer, Producer
     from confluent_kafka.admin import AdminClient
@@ -117,7 +230,7 @@ def _stream(env: dict[str, str], password: str, args: argparse.Namespace) -> int
 
     from edgefleet.protocols.wire import Batch, WireError, decode_binary
 
-    print("2/4 preparing: Kafka topic, PostgreSQL table, device account", DEVICE)
+    print("2/5 preparing: Kafka topic, PostgreSQL table, device account", DEVICE)
     admin = AdminClient({"bootstrap.servers": env["EDGEFLEET_KAFKA_BOOTSTRAP"]})
     for future in admin.create_topics([NewTopic(KAFKA_TOPIC, num_partitions=3)]).values():
         future.result(timeout=10)
@@ -128,12 +241,12 @@ def _stream(env: dict[str, str], password: str, args: argparse.Namespace) -> int
             "PRIMARY KEY (device, seq))"
         )
 
-    counters = Counters()
+    counters = BridgeCounters()
     producer = Producer({"bootstrap.servers": env["EDGEFLEET_KAFKA_BOOTSTRAP"],
                          "enable.idempotence": True, "acks": "all",
                          "compression.type": "lz4"})
 
-    def on_message(client, userdata, message):  # type: ignore[no-untyped-def]
+    def on_message(client: Any, userdata: Any, message: Any) -> None:
         with counters.lock:
             counters.received += 1
         try:
@@ -151,21 +264,26 @@ def _stream(env: dict[str, str], password: str, args: argparse.Namespace) -> int
     bridge = _mqtt_client(env["EDGEFLEET_MQTT_URL"])
     bridge.on_message = on_message
     bridge.subscribe("edgefleet/devices/+/batches", qos=1)
-
-    payloads = _batches(args.batches, args.batch_size)
-    sent = [*payloads, payloads[min(7, len(payloads) - 1)], b"\x00garbage"]
-    print(f"3/4 device {DEVICE} sends {len(payloads)} batches x {args.batch_size} "
-          "readings (binary wire format), one batch twice, and one garbage message")
     device = _mqtt_client(env["EDGEFLEET_MQTT_URL"], DEVICE, password)
-    time.sleep(0.5)  # let both MQTT sessions finish connecting and subscribing
+    gateway = Gateway(device)
+
+    labels = workdir / "labels.jsonl"
+    print(f"3/5 the plant runs ({args.assets} assets over Modbus, OPC UA and MQTT, "
+          f"{args.time_scale:g}x simulated time) and gateway {DEVICE} reads it for "
+          f"{args.seconds:g} s")
     t0 = time.monotonic()
-    for payload in sent:
-        device.publish(TOPIC, payload, qos=1).wait_for_publish(10)
-    deadline = time.monotonic() + 30
-    while counters.received < len(sent) and time.monotonic() < deadline:
+    plant = asyncio.run(_read_plant(env, gateway, args, labels))
+    # An edge retry after a lost acknowledgement, and a garbage message.
+    extra = [gateway.payloads[len(gateway.payloads) // 2], b"\x00garbage"]
+    for payload in extra:
+        device.publish(TOPIC, payload, qos=1)
+    sent = len(gateway.payloads) + len(extra)
+    deadline = time.monotonic() + 60
+    while counters.received < sent and time.monotonic() < deadline:
         time.sleep(0.05)
     producer.flush(15)
 
+    print("4/5 the sink lands Kafka's batches in PostgreSQL")
     consumer = Consumer({"bootstrap.servers": env["EDGEFLEET_KAFKA_BOOTSTRAP"],
                          "group.id": "demo-sink", "auto.offset.reset": "earliest",
                          "enable.auto.commit": False})
@@ -188,24 +306,30 @@ def _stream(env: dict[str, str], password: str, args: argparse.Namespace) -> int
             consumer.commit(message=message, asynchronous=False)  # only after the DB commit
             landed_messages += 1
         took = time.monotonic() - t0
-        rows, gaps = conn.execute(
-            "SELECT count(*), max(seq) - min(seq) + 1 - count(*) FROM demo_readings"
-        ).fetchone() or (0, 0)
+        rows, gaps, assets = conn.execute(
+            "SELECT count(*), max(seq) - min(seq) + 1 - count(*), count(DISTINCT asset) "
+            "FROM demo_readings"
+        ).fetchone() or (0, 0, 0)
     consumer.close()
     for client in (device, bridge):
         client.disconnect()
         client.loop_stop()
 
-    expected = args.batches * args.batch_size
-    print("4/4 report")
-    print(f"  messages sent            {len(sent)}")
+    expected = gateway.next_seq
+    read = ", ".join(f"{p} {n:,}" for p, n in sorted(gateway.by_protocol.items()))
+    print("5/5 report")
+    print(f"  readings by protocol     {read}")
+    print(f"  assets seen              {assets} of {plant['assets']}")
+    print(f"  anomaly episodes         {plant['episodes']} started (ground truth in "
+          "labels.jsonl)")
+    print(f"  batches sent             {len(gateway.payloads)} + 1 resent + 1 garbage")
     print(f"  rejected as malformed    {counters.rejected}"
           + (f"  ({counters.errors[0]})" if counters.errors else ""))
-    print(f"  batches through Kafka    {counters.produced}")
     print(f"  rows in PostgreSQL       {rows} of {expected} expected, seq gaps {gaps}")
-    print(f"  duplicate rows absorbed  {args.batch_size}")
-    print(f"  elapsed                  {took:.1f} s (one DB transaction per batch)")
-    ok = rows == expected and gaps == 0 and counters.rejected == 1
+    print(f"  elapsed                  {took:.1f} s")
+    ok = (rows == expected > 0 and gaps == 0 and counters.rejected == 1
+          and assets == plant["assets"] and gateway.overflow == 0
+          and set(gateway.by_protocol) == {"modbus", "opcua", "mqtt"})
     print("  result                   " + ("complete, no loss, no duplicates" if ok
                                          else "INCOMPLETE"))
     return 0 if ok else 1

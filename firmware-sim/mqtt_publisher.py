@@ -117,6 +117,7 @@ class MqttSimPublisher:
         self.bdseq = 0
         self.seq = 0  # the last Sparkplug seq sent
         self.connected = False
+        self._stopping = False
         self._lock = threading.RLock()  # Sparkplug state: seq, births, snapshot
         self._pending_lock = threading.Lock()  # the outgoing-queue bookkeeping only
         self._client: Any = None
@@ -134,6 +135,7 @@ class MqttSimPublisher:
         from paho.mqtt.enums import CallbackAPIVersion
 
         config = self.config
+        self._stopping = False
         client_id = config.client_id or f"edgefleet-sim-{config.edge_node_id}"
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
                              protocol=mqtt.MQTTv311)
@@ -184,6 +186,8 @@ class MqttSimPublisher:
                     info = None
             if info is not None:
                 await asyncio.to_thread(_wait_published, info, 2.0)
+        with self._lock:
+            self._stopping = True  # a disconnect from here on is ours, not an outage
         await asyncio.to_thread(client.disconnect)
         await asyncio.to_thread(client.loop_stop)
         self._client = None
@@ -317,7 +321,7 @@ class MqttSimPublisher:
     def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason: Any,
                        properties: Any) -> None:
         with self._lock:
-            if self.connected:
+            if self.connected and not self._stopping:
                 log.warning("mqtt publisher: connection to %s lost (%s); paho reconnects",
                             self.config.address, reason)
             self.connected = False

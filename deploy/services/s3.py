@@ -2,7 +2,9 @@
 
 Access needs the generated key pair (no anonymous access). SeaweedFS's master, volume
 and filer servers each want an HTTP and a gRPC port; all eight are allocated on
-loopback rather than left to SeaweedFS's "port + 10000" default, which may be taken.
+loopback rather than left to SeaweedFS's "port + 10000" default, which may be taken, and
+the listeners on fixed ports that the project does not use are switched off (a test
+checks that SeaweedFS listens on no port the launcher did not allocate).
 """
 
 from __future__ import annotations
@@ -77,6 +79,9 @@ class S3Service(Service):
             "-master.volumeSizeLimitMB=64", "-volume.max=32",
             "-filer", "-s3", f"-s3.config={folder / 's3.json'}",
             f"-s3.port={ctx.port('s3')}", f"-s3.port.grpc={ctx.port('s3_grpc')}",
+            # Catalog listeners on fixed default ports (8181, 9101) would collide between
+            # two stacks on one machine; the project does not use them.
+            "-s3.port.iceberg=0", "-s3.port.lance=0",
         ]
         for role in _ROLES:
             argv += [

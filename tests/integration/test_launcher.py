@@ -66,6 +66,16 @@ def test_up_down_leaves_no_orphans(root: Path) -> None:
     assert any("postgres" in n for n in names) and any("weed" in n for n in names)
     assert any("mlflow" in n for n in names)
     assert len(running) >= 4
+    # Every listening socket is on a port the launcher allocated: nothing binds a fixed
+    # default port that a second stack on the same machine would collide with.
+    allocated = set(Launcher(root).context().ports.values())
+    listening = {
+        conn.laddr.port
+        for proc in running
+        for conn in proc.net_connections(kind="tcp")
+        if conn.status == psutil.CONN_LISTEN
+    }
+    assert listening and listening <= allocated, sorted(listening - allocated)
 
     down = cli(root, "down")
     assert down.returncode == 0, down.stderr
