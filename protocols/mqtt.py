@@ -89,7 +89,7 @@ from urllib.parse import unquote, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from .source import Backoff, Sample, SourceStats
+from .source import Backoff, Sample, SourceStats, finite_number
 from .sparkplug import (
     REBIRTH_METRIC,
     DataType,
@@ -233,13 +233,6 @@ def resolve_path(document: Any, steps: JsonPath) -> Any:
     return node
 
 
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool):
-        return 1.0 if value else 0.0
-    if isinstance(value, int | float):
-        number = float(value)
-        return number if math.isfinite(number) else None
-    return None
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -745,7 +738,7 @@ class MqttSource:
 
     def _emit_value(self, asset: str, tag: str, ts_ns: int, value: Any, where: str,
                     emit: Callable[[Sample], None]) -> None:
-        number = None if value is _MISSING else _number(value)
+        number = None if value is _MISSING else finite_number(value)
         if number is None:
             reason = "missing_value" if value is _MISSING else "not_a_number"
             shown = "missing" if value is _MISSING else f"{value!r}"[:80]

@@ -37,7 +37,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import os
 import socket
 import time
@@ -57,7 +56,7 @@ from pydantic import (
     model_validator,
 )
 
-from .source import Backoff, Sample, SourceStats
+from .source import Backoff, Sample, SourceStats, finite_number
 from .wire import Quality
 
 __all__ = [
@@ -102,14 +101,6 @@ def _to_ns(stamp: datetime | None) -> int | None:
     return (stamp - _EPOCH) // _MICROSECOND * 1000
 
 
-def _number(value: Any) -> float | None:
-    """The float a numeric or boolean OPC UA value stands for; None if it has none."""
-    if isinstance(value, bool):
-        return 1.0 if value else 0.0
-    if isinstance(value, int | float):
-        number = float(value)
-        return number if math.isfinite(number) else None
-    return None
 
 
 def sample_from_datavalue(asset: str, tag: str, datavalue: Any, received_ns: int) -> tuple[
@@ -124,7 +115,7 @@ def sample_from_datavalue(asset: str, tag: str, datavalue: Any, received_ns: int
     if quality is Quality.BAD:
         return Sample(asset, tag, ts_ns, None, Quality.BAD), False
     variant = getattr(datavalue, "Value", None)
-    value = _number(getattr(variant, "Value", None))
+    value = finite_number(getattr(variant, "Value", None))
     if value is None:
         return Sample(asset, tag, ts_ns, None, Quality.BAD), True
     return Sample(asset, tag, ts_ns, value, quality), False

@@ -17,10 +17,11 @@ Faults never escape as crashes: a point that cannot be read comes back with qual
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from .wire import Quality
 
@@ -31,6 +32,7 @@ __all__ = [
     "SourceError",
     "SourceStats",
     "StreamingSource",
+    "finite_number",
 ]
 
 
@@ -61,6 +63,17 @@ class SourceStats:
 
     def count_error(self, reason: str) -> None:
         self.errors[reason] = self.errors.get(reason, 0) + 1
+
+
+def finite_number(value: Any) -> float | None:
+    """The float a numeric or boolean field value stands for (True is 1.0); None when it
+    is not a number or not finite, which sources report as a bad-quality sample."""
+    if isinstance(value, bool):
+        return 1.0 if value else 0.0
+    if isinstance(value, int | float):
+        number = float(value)
+        return number if math.isfinite(number) else None
+    return None
 
 
 class SourceError(Exception):
