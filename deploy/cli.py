@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from importlib.metadata import PackageNotFoundError, version
@@ -26,7 +27,8 @@ __all__ = ["BENCHES", "COMMANDS", "main"]
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": (
         "edgefleet.deploy.demo",
-        "run the main job end to end (today: a batch stream through the real services)",
+        "run the main job end to end (today: the simulated plant, read by the sources, "
+        "landed through the real services)",
     ),
     "sim": (
         "edgefleet.firmware_sim.cli",
@@ -124,6 +126,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return err.exit_code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `edgefleet … | head`: the reader left, which is not an error
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # no second error when Python flushes at exit
+        return 141
     return code
 
 

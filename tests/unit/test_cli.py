@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -54,3 +55,18 @@ def test_services_status_without_a_stack(tmp_path: object) -> None:
     result = run_cli("services", "--dir", f"{tmp_path}/none", "status")
     assert result.returncode == 1
     assert "no stack in" in result.stdout
+
+
+def test_output_piped_into_a_reader_that_leaves_is_not_an_error() -> None:
+    # The reader is gone before the command writes (as with `… | head` on long output).
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "edgefleet.deploy.cli", "sim", "registers"],
+            stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=60,
+        )
+    finally:
+        os.close(write_end)
+    assert result.returncode == 141
+    assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr
