@@ -457,8 +457,9 @@ class Launcher:
                 exports.update(self.services[name].exports(ctx))
         return exports
 
-    def add_mqtt_device(self, device: str) -> str:
-        """Give `device` a Mosquitto account confined to its own topics; returns its password."""
+    def add_mqtt_device(self, device: str, timeout_s: float = 10.0) -> str:
+        """Give `device` a Mosquitto account confined to its own topics; returns its password
+        once the running broker accepts it (it applies new accounts on SIGHUP, a moment later)."""
         mosquitto = self.services["mosquitto"]
         assert isinstance(mosquitto, MosquittoService)
         ctx = self.context()
@@ -466,6 +467,7 @@ class Launcher:
         pid = self._processes(self._read_state()).get("mosquitto")
         if pid and _pid_alive(pid):
             os.kill(pid, signal.SIGHUP)  # Mosquitto rereads its password and ACL files
+            mosquitto.wait_for_login(ctx, device, password, timeout_s)
         return password
 
 

@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import secrets
+import time
 from pathlib import Path
 from typing import ClassVar
 
@@ -142,12 +143,15 @@ tls_version tlsv1.2
         binary = find_binary(self.name, ["mosquitto", "/usr/sbin/mosquitto"], _INSTALL)
         return LaunchSpec(argv=[binary, "-c", str(ctx.dir_for(self.name) / "mosquitto.conf")])
 
-    def _mqtt_login(self, ctx: StackContext) -> bool:
+    def _mqtt_login(
+        self, ctx: StackContext, username: str = SERVICE_ACCOUNT, password: str | None = None
+    ) -> bool:
+        """Whether `username` can log in (default: the service account)."""
         import paho.mqtt.client as mqtt
         from paho.mqtt.enums import CallbackAPIVersion
 
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="edgefleet-health")
-        client.username_pw_set(SERVICE_ACCOUNT, ctx.secrets["mosquitto_password"])
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"edgefleet-check-{username}")
+        client.username_pw_set(username, password or ctx.secrets["mosquitto_password"])
         try:
             client.connect("127.0.0.1", ctx.port("mosquitto"), keepalive=5)
             client.loop(timeout=1.0)
@@ -157,6 +161,19 @@ tls_version tlsv1.2
 
     def is_ready(self, ctx: StackContext) -> bool:
         return super().is_ready(ctx) and self._mqtt_login(ctx)
+
+    def wait_for_login(
+        self, ctx: StackContext, device: str, password: str, timeout_s: float
+    ) -> None:
+        """Block until the broker accepts `device`'s login, i.e. it has reloaded its files."""
+        deadline = time.monotonic() + timeout_s
+        while not self._mqtt_login(ctx, device, password):
+            if time.monotonic() >= deadline:
+                raise LauncherError(
+                    f"mosquitto: the account for {device} was written but the broker did not "
+                    f"accept it within {timeout_s:.0f} s; see {ctx.dir_for(self.name)}/service.log"
+                )
+            time.sleep(0.05)
 
     def health(self, ctx: StackContext) -> tuple[bool, str]:
         try:
