@@ -997,7 +997,9 @@ class SqliteBuffer:
 
     # --- forwarding ---------------------------------------------------------------------
 
-    def claim_batch(self, device: str | None = None, max_rows: int = 1000) -> Batch | None:
+    def claim_batch(
+        self, device: str | None = None, max_rows: int = 1000, *, min_seq: int = 0
+    ) -> Batch | None:
         """The oldest unacknowledged, unleased committed rows of one device, as a Batch.
 
         With `device` None the devices take turns (round robin), so one device's backlog
@@ -1006,6 +1008,9 @@ class SqliteBuffer:
         at a leased range. Its rows stay in the buffer, leased for `claim_lease_s`, until
         `ack`; `release` or lease expiry makes them claimable again. None if there is
         nothing to claim.
+
+        `min_seq` skips rows below it: the forwarder claims live data (from the seq where
+        an outage ended) ahead of the backlog this way.
         """
         if not 1 <= max_rows <= MAX_BATCH_READINGS:
             raise ValueError(f"max_rows must be 1..{MAX_BATCH_READINGS}, got {max_rows}")
@@ -1014,17 +1019,17 @@ class SqliteBuffer:
             self._commit_accepted(due_only=True)
             if device is not None:
                 dev = self._devices.get(device)
-                return None if dev is None else self._claim_from(dev, max_rows)
+                return None if dev is None else self._claim_from(dev, max_rows, min_seq)
             devices = list(self._devices_by_id.values())
             for offset in range(len(devices)):
                 dev = devices[(self._rr + offset) % len(devices)]
-                batch = self._claim_from(dev, max_rows)
+                batch = self._claim_from(dev, max_rows, min_seq)
                 if batch is not None:
                     self._rr = (self._rr + offset + 1) % len(devices)
                     return batch
             return None
 
-    def _claim_from(self, dev: _Device, max_rows: int) -> Batch | None:
+    def _claim_from(self, dev: _Device, max_rows: int, min_seq: int = 0) -> Batch | None:
         if dev.depth == 0:
             return None
         now = self._clock()
@@ -1033,7 +1038,7 @@ class SqliteBuffer:
             key=lambda lease: lease.first_seq,
         )
         self._leases[dev.device_id] = leases
-        start = 0
+        start = min_seq
         rows: list[Any] = []
         # Find the first row that no live lease covers; leases are few (batches in flight).
         for lease in [*leases, None]:

@@ -246,6 +246,18 @@ def test_claims_lease_ranges_and_acks_delete_them(buf: SqliteBuffer, clock: Fake
     assert buf.verify() == []
 
 
+def test_min_seq_claims_live_rows_ahead_of_the_backlog(buf: SqliteBuffer) -> None:
+    buf.append("dev", samples(100))
+    buf.flush()
+    live = buf.claim_batch("dev", max_rows=1000, min_seq=81)
+    assert live is not None and (live.first_seq, live.last_seq) == (81, 100)
+    backlog = buf.claim_batch("dev", max_rows=1000)
+    assert backlog is not None and (backlog.first_seq, backlog.last_seq) == (1, 80)
+    assert buf.claim_batch("dev", min_seq=50) is None  # all leased
+    buf.ack("dev", 100, first_seq=81)
+    assert buf.stats().depth == 80
+
+
 def test_unacked_batches_are_claimed_again_after_a_restart(tmp_path: Path) -> None:
     with make(tmp_path) as buffer:
         buffer.append("dev", samples(30))
