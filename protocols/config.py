@@ -12,6 +12,9 @@ sources:
   - type: mqtt
     broker_url: mqtts://gateway:8883
     subscriptions: [...]
+  - type: synthetic        # no device: a fixed-rate generator for smoke tests and benches
+    assets: 4
+    rows_per_s: 10
 ```
 
 Every config class is frozen and forbids unknown keys, so a typo is an error at load, not
@@ -28,11 +31,13 @@ from pydantic import Field, TypeAdapter, ValidationError
 from .modbus import ModbusSourceConfig
 from .mqtt import MqttSourceConfig
 from .opcua import OpcUaSourceConfig
+from .synthetic import SyntheticSourceConfig
 
 __all__ = ["SourceConfig", "SourceConfigError", "load_sources"]
 
 SourceConfig = Annotated[
-    ModbusSourceConfig | OpcUaSourceConfig | MqttSourceConfig, Field(discriminator="type")
+    ModbusSourceConfig | OpcUaSourceConfig | MqttSourceConfig | SyntheticSourceConfig,
+    Field(discriminator="type"),
 ]
 _SOURCES: TypeAdapter[list[SourceConfig]] = TypeAdapter(list[SourceConfig])
 

@@ -47,7 +47,7 @@ from pydantic import (
     model_validator,
 )
 
-from .source import Backoff, Sample, SourceStats
+from .source import NAME_PATTERN, Backoff, Sample, SourceStats
 from .wire import Quality
 
 __all__ = [
@@ -135,7 +135,7 @@ def decode_value(
 # ---- configuration ---------------------------------------------------------------------
 
 # wire.IDENTIFIER_PATTERN, spelled for pydantic's Rust regex engine ($ = end of text).
-_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"
+_NAME_PATTERN = NAME_PATTERN
 
 
 class ModbusDeviceConfig(BaseModel):

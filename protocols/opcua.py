@@ -56,7 +56,7 @@ from pydantic import (
     model_validator,
 )
 
-from .source import Backoff, Sample, SourceStats, finite_number
+from .source import NAME_PATTERN, Backoff, Sample, SourceStats, finite_number
 from .wire import Quality
 
 __all__ = [
@@ -72,7 +72,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DEFAULT_NAMESPACE_URI = "urn:edgefleet:sim"
-_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"  # wire.IDENTIFIER_PATTERN
+_NAME_PATTERN = NAME_PATTERN
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
 BAD_NODE_ID_UNKNOWN = 0x80340000

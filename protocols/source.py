@@ -26,6 +26,7 @@ from typing import Any, Protocol, runtime_checkable
 from .wire import Quality
 
 __all__ = [
+    "NAME_PATTERN",
     "Backoff",
     "PolledSource",
     "Sample",
@@ -34,6 +35,10 @@ __all__ = [
     "StreamingSource",
     "finite_number",
 ]
+
+# wire.IDENTIFIER_PATTERN for pydantic fields: pydantic's regex engine has no \Z, and its `$`
+# does not match before a trailing newline, so `$` is exact here.
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"
 
 
 @dataclass(frozen=True, slots=True)
