@@ -35,6 +35,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "run simulated PLCs (Modbus, OPC UA, MQTT) with labelled anomalies; "
         "`sim registers` prints the Modbus map",
     ),
+    "agent": (
+        "edgefleet.edge_agent.cli",
+        "run the edge agent, check its config, list and handle its dead-lettered batches",
+    ),
     "services": (
         "edgefleet.deploy.services_cli",
         "start, stop and inspect the local real services (PostgreSQL, Mosquitto, Kafka, S3, "
@@ -46,6 +50,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 BENCHES: dict[str, str] = {
     "wire": "edgefleet.protocols.bench:bench_wire",
     "protocols": "edgefleet.protocols.bench_protocols:bench_protocols",
+    "agent": "edgefleet.edge_agent.bench_agent:bench_agent",
 }
 
 

@@ -373,6 +373,8 @@ class SqliteBuffer:
     ) -> None:
         """Internal: use `open`, which does the I/O and recovery."""
         self.config = config
+        # Set by `open` when it moved a corrupt file aside: the quarantined file's path.
+        self.quarantined_at_open: str | None = None
         self._conn = conn
         self._lock_fd = lock_fd
         self._clock = clock
@@ -444,7 +446,9 @@ class SqliteBuffer:
                         "INSERT OR REPLACE INTO meta VALUES ('quarantined_path', ?)",
                         (quarantined,),
                     )
-            return cls(config, conn, lock_fd, clock=clock, disk_free=disk_free)
+            buffer = cls(config, conn, lock_fd, clock=clock, disk_free=disk_free)
+            buffer.quarantined_at_open = quarantined
+            return buffer
         except BaseException:
             os.close(lock_fd)  # closing the descriptor releases the flock
             raise
@@ -1107,6 +1111,14 @@ class SqliteBuffer:
                     for lease in self._leases.get(dev.device_id, ())
                     if lease.first_seq != first_seq
                 ]
+
+    def release_all(self) -> int:
+        """Give back every claim (the forwarder stopped: nothing is in flight); returns how
+        many were dropped."""
+        with self._lock:
+            dropped = sum(len(leases) for leases in self._leases.values())
+            self._leases.clear()
+            return dropped
 
     def _forget_leases(self, dev: _Device, low: int, high: int) -> None:
         self._leases[dev.device_id] = [

@@ -589,3 +589,18 @@ def test_a_million_row_backlog_is_read_by_index_with_flat_rss(tmp_path: Path) ->
         assert buffer.stats().depth == 0
     growth_mb = (max(after_ingest, after_drain) - baseline) / 1e6
     assert growth_mb < 30, (baseline, after_ingest, after_drain)
+
+
+def test_release_all_makes_every_claimed_row_claimable_again(tmp_path: Path) -> None:
+    buffer = make(tmp_path)
+    try:
+        buffer.append("edge-01", samples(30))
+        buffer.flush()
+        first = buffer.claim_batch("edge-01", 10)
+        second = buffer.claim_batch("edge-01", 10)
+        assert first is not None and second is not None and second.first_seq == 11
+        assert buffer.release_all() == 2
+        again = buffer.claim_batch("edge-01", 30)
+        assert again is not None and (again.first_seq, again.last_seq) == (1, 30)
+    finally:
+        buffer.close()
