@@ -20,7 +20,7 @@ from typing import Any
 
 from .modbus import ModbusSourceConfig
 
-__all__ = ["bench_modbus", "bench_points"]
+__all__ = ["bench_modbus", "bench_points", "start_simulator", "stop_simulator"]
 
 DEVICES = 50
 HOLDING_REGISTERS = 100
@@ -46,7 +46,7 @@ def bench_points(asset: str) -> list[dict[str, Any]]:
     return points
 
 
-async def _start_simulator(devices: int) -> tuple[asyncio.subprocess.Process, dict[str, Any]]:
+async def start_simulator(devices: int) -> tuple[asyncio.subprocess.Process, dict[str, Any]]:
     child = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "edgefleet.firmware_sim.modbus_server",
         "--assets", str(devices), "--prefix", "plc",
@@ -57,12 +57,12 @@ async def _start_simulator(devices: int) -> tuple[asyncio.subprocess.Process, di
         line = await asyncio.wait_for(child.stdout.readline(), _CHILD_START_TIMEOUT_S)
         ready: dict[str, Any] = json.loads(line)
     except BaseException:
-        await _stop_simulator(child)
+        await stop_simulator(child)
         raise
     return child, ready
 
 
-async def _stop_simulator(child: asyncio.subprocess.Process) -> None:
+async def stop_simulator(child: asyncio.subprocess.Process) -> None:
     if child.returncode is None:
         with contextlib.suppress(ProcessLookupError):
             child.terminate()
@@ -94,7 +94,7 @@ async def bench_modbus(duration_s: float = 5.0) -> dict[str, float]:
     polls and read requests per second, poll latency percentiles, bad samples and the
     simulator's own CPU percent (when psutil is installed).
     """
-    child, ready = await _start_simulator(DEVICES)
+    child, ready = await start_simulator(DEVICES)
     try:
         endpoints: dict[str, list[Any]] = ready["endpoints"]
         config = ModbusSourceConfig.model_validate({
@@ -130,7 +130,7 @@ async def bench_modbus(duration_s: float = 5.0) -> dict[str, float]:
         finally:
             await source.close()
     finally:
-        await _stop_simulator(child)
+        await stop_simulator(child)
     latencies.sort()
     result = {
         "modbus_readings_per_s": good / wall,

@@ -27,3 +27,19 @@ def test_bench_protocols_prints_every_figure() -> None:
     # Nothing is lost on the way: every published MQTT message was decoded.
     assert figures["mqtt_decoded"] == figures["mqtt_published"]
     assert figures["modbus_bad_samples"] == 0 and figures["opcua_bad_samples"] == 0
+
+
+def test_bench_agent_prints_every_figure_and_loses_nothing() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "edgefleet.deploy.cli", "bench", "agent", "--json"],
+        capture_output=True, text=True, timeout=600,
+        env={**os.environ, "EDGEFLEET_BENCH_SECONDS": "2", "EDGEFLEET_BENCH_OUTAGE_S": "8",
+             "EDGEFLEET_BENCH_BACKLOG_ROWS": "200000", "EDGEFLEET_BENCH_RATE": "20000"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads(result.stdout)
+    for key in ("readings_per_s", "agent_cpu_cores", "modbus_e2e_readings_per_s",
+                "rss_mb_empty", "rss_mb_backlog_5m", "infer_p99_us", "drain_ratio"):
+        assert figures[key] > 0, key
+    assert figures["lost_rows"] == 0
+    assert figures["inference_rows"] > 0  # the model ran on the windows
