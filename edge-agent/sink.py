@@ -34,13 +34,11 @@ import zlib
 from typing import Any, Final
 
 from edgefleet.protocols.wire import (
-    BINARY_MAGIC,
     Batch,
     Heartbeat,
     Reading,
     WireError,
-    decode_binary,
-    decode_json,
+    decode_upload,
 )
 
 __all__ = ["Arrival", "LocalSink", "SeqRanges"]
@@ -274,15 +272,7 @@ class LocalSink:
 
     @staticmethod
     def _decode(data: bytes, content_type: str) -> Batch | Heartbeat:
-        if data[:2] == BINARY_MAGIC:
-            if data[2:3] == b"H":
-                return decode_binary(data, Heartbeat)
-            return decode_binary(data, Batch)
-        if content_type.startswith("application/json"):
-            if b'"readings"' in data:
-                return decode_json(data, Batch)
-            return decode_json(data, Heartbeat)
-        raise ValueError(f"unsupported body (Content-Type {content_type!r})")
+        return decode_upload(data, content_type)
 
     def _record(self, batch: Batch, size: int) -> None:
         max_ts = max(reading.ts for reading in batch.readings)

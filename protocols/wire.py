@@ -56,6 +56,7 @@ __all__ = [
     "WireMessage",
     "decode_binary",
     "decode_json",
+    "decode_upload",
     "encode_binary",
     "encode_json",
     "manifest_signing_payload",
@@ -609,3 +610,36 @@ def decode_binary(data: bytes | bytearray | memoryview, type_: type[Any] = Batch
     except (msgspec.DecodeError, msgspec.ValidationError) as err:
         context = f"invalid {name} (binary)"
         raise (_version_error(context, _MSGPACK_PROBE, body) or _wire_error(context, err)) from err
+
+
+class _ReadingsProbe(msgspec.Struct):
+    """Tells a JSON Batch from a JSON Heartbeat: only a Batch has `readings`."""
+
+    readings: Any = None
+
+
+_READINGS_PROBE: Final = msgspec.json.Decoder(_ReadingsProbe)
+
+
+def decode_upload(data: bytes, content_type: str = "") -> Batch | Heartbeat:
+    """Decode what an agent uploads: a `Batch` or a `Heartbeat`, binary or JSON.
+
+    Binary messages are recognised by their prefix whatever `content_type` says; JSON must
+    be declared as `application/json`. Raises WireError naming the problem.
+    """
+    if data[:2] == BINARY_MAGIC:
+        if data[2:3] == _KIND_BY_TYPE[Heartbeat]:
+            return decode_binary(data, Heartbeat)
+        return decode_binary(data, Batch)
+    if content_type.split(";", 1)[0].strip().lower() != "application/json":
+        raise WireError(
+            f"not a wire message: the body has no {BINARY_MAGIC!r} prefix and the "
+            f"Content-Type is {content_type!r}, not application/json"
+        )
+    try:
+        is_batch = _READINGS_PROBE.decode(data).readings is not None
+    except (msgspec.DecodeError, msgspec.ValidationError) as err:
+        raise WireError(f"invalid JSON: {err}") from err
+    if is_batch:
+        return decode_json(data, Batch)
+    return decode_json(data, Heartbeat)
