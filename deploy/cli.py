@@ -39,6 +39,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "edgefleet.edge_agent.cli",
         "run the edge agent, check its config, list and handle its dead-lettered batches",
     ),
+    "fog": (
+        "edgefleet.fog_gateway.cli",
+        "run the fog gateway (ingest, MQTT bridge, sink), manage device tokens, "
+        "read completeness",
+    ),
     "services": (
         "edgefleet.deploy.services_cli",
         "start, stop and inspect the local real services (PostgreSQL, Mosquitto, Kafka, S3, "
@@ -51,6 +56,7 @@ BENCHES: dict[str, str] = {
     "wire": "edgefleet.protocols.bench:bench_wire",
     "protocols": "edgefleet.protocols.bench_protocols:bench_protocols",
     "agent": "edgefleet.edge_agent.bench_agent:bench_agent",
+    "fog": "edgefleet.fog_gateway.bench_fog:bench_fog",
 }
 
 

@@ -287,7 +287,7 @@ class MqttTransport:
         self.config = config
         parts = urlsplit(config.url)
         self._address = parse_broker_url(f"{parts.scheme}://{parts.netloc}")
-        prefix = parts.path.strip("/") or "edgefleet"
+        prefix = parts.path.strip("/") or "edgefleet/devices"
         self._topics = {kind: f"{prefix}/{device}/{kind}" for kind in ("batch", "heartbeat")}
         self._device = device
         self._client: Any = None

@@ -43,3 +43,23 @@ def test_bench_agent_prints_every_figure_and_loses_nothing() -> None:
         assert figures[key] > 0, key
     assert figures["lost_rows"] == 0
     assert figures["inference_rows"] > 0  # the model ran on the windows
+
+
+def test_bench_fog_prints_every_figure_and_stores_each_row_once(
+    stack_env: dict[str, str],
+) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "edgefleet.deploy.cli", "bench", "fog", "--json"],
+        capture_output=True, text=True, timeout=600,
+        env={**os.environ, **stack_env, "EDGEFLEET_BENCH_SECONDS": "6",
+             "EDGEFLEET_BENCH_COPY_ROWS": "20000", "EDGEFLEET_BENCH_KAFKA_MESSAGES": "20000"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads(result.stdout)
+    for key in ("copy_rows_per_s", "naive_insert_rows_per_s", "e2e_rows_per_s",
+                "kafka_msgs_per_s"):
+        assert figures[key] > 0, key
+    assert figures["e2e_rows_lost"] == 0 and figures["dup_run_rows_lost"] == 0
+    assert figures["dup_rows_in_db"] == 0
+    # Every second copy really reached the database and was removed there.
+    assert figures["duplicates_removed"] == figures["dup_run_rows"] > 0

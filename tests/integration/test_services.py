@@ -19,18 +19,13 @@ from paho.mqtt.reasoncodes import ReasonCode
 from edgefleet.deploy.services import Launcher, register_target
 from edgefleet.deploy.services.s3 import s3_client
 
+from .. import waiting
+
 pytestmark = pytest.mark.integration
 
 
 def wait_for(check, timeout_s: float, what: str, every_s: float = 0.1):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout_s
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(every_s)
+    return waiting.wait_for(check, what, timeout_s, every_s=every_s)
 
 
 def test_status_reports_six_healthy_services(stack: Launcher) -> None:
