@@ -293,3 +293,49 @@ def test_agent_over_mqtt_through_the_bridge_lands_every_row_once(
 
         wait_for(lambda: statuses() == [device], 30, "the agent's heartbeat", fog.log)
         assert fog.stop() == 0
+
+
+def test_bad_requests_are_refused_counted_and_write_nothing(
+    tmp_path: Path, stack_env: dict[str, str]
+) -> None:
+    import gzip
+
+    fog_dir = tmp_path / "fog"
+    device, other = f"edge-bad-{int(time.time())}", f"edge-oth-{int(time.time())}"
+    token = add_device(fog_dir / "tokens.json", device)
+    other_token = add_device(fog_dir / "tokens.json", other)
+    store_url = stack_env["EDGEFLEET_PG_URL"]
+    settings = {"store": store_url, "sink": {"workers": 1, "group_id": f"it-{device}"},
+                "kafka": {"bootstrap": stack_env["EDGEFLEET_KAFKA_BOOTSTRAP"], "partitions": 1},
+                "limits": {"max_body_bytes": 64 * 1024}}
+
+    def batch(first: int, rows: int, of: str = device) -> bytes:
+        readings = tuple(Reading(device=of, asset="a0", tag="a", ts=10**18 + i, value=float(i),
+                                 quality=Quality.GOOD, seq=first + i) for i in range(rows))
+        return encode_binary(Batch(device=of, first_seq=first, last_seq=first + rows - 1,
+                                   readings=readings, sent_at=10**18))
+
+    with FogProcess(fog_dir, settings) as fog:
+        good = batch(1, 100)
+        cases = {
+            "malformed": (good[:-5], token, 400),
+            "oversize": (batch(101, 9000), token, 413),
+            "unauthenticated": (good, "x" * 43, 401),
+            "forbidden_device": (good, other_token, 403),
+        }
+        for reason, (body, bearer, status) in cases.items():
+            assert post_status(fog, body, bearer) == status, reason
+        assert post_status(fog, gzip.compress(good), token) == 400  # gzip body, no header
+        assert post_status(fog, good, token) == 202
+        assert post_status(fog, good, token) == 409  # replayed
+        wait_for(lambda: (completeness(store_url, device) or _EMPTY).received == 100, 30,
+                 "the one good batch in PostgreSQL", fog.log)
+        for reason in ("unauthenticated", "forbidden_device", "oversize", "replayed"):
+            assert metric(fog, f'edgefleet_fog_rejected_total{{reason="{reason}"}}') == 1
+        assert metric(fog, 'edgefleet_fog_rejected_total{reason="malformed"}') == 2
+        assert fog.stop() == 0
+    with psycopg.connect(store_url) as connection:
+        [(rows,)] = connection.execute(
+            "SELECT count(*) FROM readings WHERE device = ANY(%s)", ([device, other],)
+        ).fetchall()
+    assert rows == 100  # only the accepted batch, once
