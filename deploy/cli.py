@@ -27,8 +27,8 @@ __all__ = ["BENCHES", "COMMANDS", "main"]
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": (
         "edgefleet.deploy.demo",
-        "run the main job end to end (today: the simulated plant, read by the sources, "
-        "landed through the real services)",
+        "run the main job end to end (today: the simulated plant read by three edge agents "
+        "into the fog gateway, with a completeness report; --stack real for real services)",
     ),
     "sim": (
         "edgefleet.firmware_sim.cli",

@@ -1,335 +1,484 @@
-"""`edgefleet demo`: what exists so far, run end to end on real services.
+"""`edgefleet demo`: the plant, three edge agents and the fog gateway, as users run them.
 
-Until the full demo lands (agents, fog gateway, training, rollout), this shows the
-pieces that exist working together:
+What runs (the first two steps of the end-to-end demo; no control plane or training yet):
 
-1. the real-services stack starts in a private folder (`edgefleet services`);
-2. the simulated plant runs: assets served over Modbus TCP, OPC UA and MQTT, with
-   labelled anomaly episodes written to a JSONL file;
-3. a gateway reads it through the real sources (ModbusSource, OpcUaSource, MqttSource),
-   stamps every sample with its device name and a gap-free seq, and ships contiguous
-   batches in the binary wire format over MQTT, on its own ACL-confined account;
-4. a bridge validates each batch and produces it to Kafka (idempotent, acks=all, keyed by
-   device); a sink lands the batches in PostgreSQL, deduplicated on `(device, seq)`,
-   committing Kafka offsets only after the database commit. One batch is sent twice (an
-   edge retry after a lost acknowledgement) and one message is garbage;
-5. the report shows every reading landed exactly once, the garbage rejected and counted.
+1. the stack. `--stack embedded` (the default) installs and starts no server: an in-process
+   MQTT broker (amqtt) for the plant's MQTT assets, and the fog gateway stores into SQLite.
+   `--stack real` starts PostgreSQL, Mosquitto and Kafka with the launcher
+   (`edgefleet services`) in a private folder; the plant's MQTT line gets its own
+   ACL-confined Mosquitto account;
+2. the simulated plant (`firmware-sim`, in a thread of this process): assets served over
+   Modbus TCP, OPC UA and MQTT, with labelled anomaly episodes written to a JSONL file;
+3. the fog gateway, `edgefleet fog run`, as a child process: embedded (HTTP ingest straight
+   into SQLite) or Kafka mode (ingest → Kafka → sink workers → PostgreSQL); one bearer
+   token per device;
+4. three edge agents, `edgefleet agent run`, one per protocol, each with its own device
+   name, token, config file and SQLite buffer, reading its share of the plant and
+   forwarding batches over HTTP. After `--seconds` they get SIGTERM and drain;
+5. the report, from the fog's store: per device rows received, expected, missing and
+   duplicated (completeness), readings per protocol, each agent's last heartbeat, and the
+   anomaly episodes the plant injected. The exit status is 0 only if every device is
+   100 % complete: the fog holds every seq its agent's buffer committed, once.
 
-The gateway here is a stand-in that holds samples in memory: the real edge agent, with
-its durable SQLite buffer, is the next component to land.
+SIGTERM (or Ctrl-C) stops everything the demo started (exit status 128 + signal);
+`--keep` leaves the demo folder (and with `--stack real` the services) in place.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
+import contextlib
 import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
 import tempfile
-import threading
 import time
-import uuid
-from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Final
 
-__all__ = ["add_arguments", "run"]
+if TYPE_CHECKING:
+    from edgefleet.deploy.demo_plant import DemoPlant
+    from edgefleet.deploy.services import Launcher
+    from edgefleet.edge_agent.harness import AgentProcess
+    from edgefleet.fog_gateway.harness import FogProcess
+    from edgefleet.fog_gateway.store import Completeness, Store
 
-DEVICE = "demo-gateway-1"
-TOPIC = f"edgefleet/devices/{DEVICE}/batches"
-KAFKA_TOPIC = "edgefleet.readings"
-SHIP_EVERY_S = 0.5
-MAX_BATCH = 1000
-MAX_PENDING = 200_000  # the stand-in gateway's bound; the demo's rates stay far below it
+__all__ = ["AGENTS", "add_arguments", "run"]
+
+# protocol -> the device name of the agent that reads it
+AGENTS: Final = {"modbus": "edge-modbus", "opcua": "edge-opcua", "mqtt": "edge-mqtt"}
+PLANT_MQTT_ACCOUNT: Final = "plant-mqtt"  # the plant's MQTT line on Mosquitto (--stack real)
+REAL_SERVICES: Final = ("postgres", "mosquitto", "kafka")
+PROGRESS_EVERY_S: Final = 10.0
+SINK_CATCH_UP_S: Final = 60.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--assets", type=int, default=6,
+    parser.add_argument("--stack", choices=("embedded", "real"), default="embedded",
+                        help="embedded: no servers (in-process MQTT broker, SQLite); real: "
+                             "PostgreSQL, Mosquitto and Kafka from `edgefleet services` "
+                             "(%(default)s)")
+    parser.add_argument("--assets", type=int, default=12,
                         help="simulated assets, spread over Modbus, OPC UA, MQTT (%(default)s)")
-    parser.add_argument("--seconds", type=float, default=20.0,
-                        help="how long the gateway reads the plant (%(default)s)")
+    parser.add_argument("--seconds", type=float, default=60.0,
+                        help="how long the agents read the plant (%(default)s)")
     parser.add_argument("--time-scale", type=float, default=60.0,
                         help="simulated seconds per wall second (%(default)s)")
-    parser.add_argument("--keep", action="store_true", help="leave the stack running afterwards")
+    parser.add_argument("--anomaly-rate", type=float, default=0.3,
+                        help="share of each asset's time in an anomaly episode (%(default)s)")
+    parser.add_argument("--seed", type=int, default=7, help="the plant's seed (%(default)s)")
+    parser.add_argument("--keep", action="store_true",
+                        help="leave the demo folder (and with --stack real the services)")
 
 
-@dataclass
-class BridgeCounters:
-    received: int = 0
-    rejected: int = 0
-    produced: int = 0
-    errors: list[str] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-
-class Gateway:
-    """Stamps samples with the device and a gap-free seq, and ships contiguous batches."""
-
-    def __init__(self, device_client: Any) -> None:
-        self.client = device_client
-        self.pending: list[Any] = []  # Samples, in arrival order
-        self.next_seq = 0
-        self.by_protocol: Counter[str] = Counter()
-        self.payloads: list[bytes] = []
-        self.overflow = 0
-
-    def emitter(self, protocol: str) -> Any:
-        def emit(sample: Any) -> None:
-            if len(self.pending) >= MAX_PENDING:
-                self.overflow += 1  # counted, never silent; the demo's rates never get here
-                return
-            self.pending.append(sample)
-            self.by_protocol[protocol] += 1
-
-        return emit
-
-    def ship(self) -> None:
-        from edgefleet.protocols.wire import Batch, Reading, encode_binary
-
-        samples, self.pending = self.pending, []
-        for start in range(0, len(samples), MAX_BATCH):
-            chunk = samples[start:start + MAX_BATCH]
-            readings = tuple(
-                Reading(DEVICE, s.asset, s.tag, s.ts_ns, s.value, s.quality, self.next_seq + i)
-                for i, s in enumerate(chunk)
-            )
-            batch = Batch(device=DEVICE, first_seq=self.next_seq,
-                          last_seq=self.next_seq + len(chunk) - 1, readings=readings,
-                          sent_at=time.time_ns())
-            self.next_seq += len(chunk)
-            payload = encode_binary(batch)
-            self.payloads.append(payload)
-            self.client.publish(TOPIC, payload, qos=1)
-
-
-def _mqtt_client(url: str, username: str | None = None, password: str | None = None) -> Any:
-    from urllib.parse import urlsplit
-
-    import paho.mqtt.client as mqtt
-    from paho.mqtt.enums import CallbackAPIVersion
-
-    parts = urlsplit(url)
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"demo-{uuid.uuid4().hex[:6]}",
-                         protocol=mqtt.MQTTv5)
-    client.username_pw_set(username or parts.username, password or parts.password)
-    client.connect(str(parts.hostname), int(parts.port or 1883))
-    client.loop_start()
-    return client
+def say(line: str) -> None:
+    print(line, flush=True)  # progress must show while the demo runs, also through a pipe
 
 
 def run(args: argparse.Namespace) -> int:
-    import gc
-    import logging
-    import signal
+    if args.assets < len(AGENTS):
+        say(f"edgefleet demo: --assets must be at least {len(AGENTS)} (one per protocol)")
+        return 2
+    if args.seconds <= 0:
+        say("edgefleet demo: --seconds must be positive")
+        return 2
+    demo = Demo(args)
 
-    from edgefleet.deploy.services import Launcher
+    def on_signal(signum: int, frame: object) -> None:
+        if demo.stopping:
+            return  # already cleaning up: let it finish
+        raise SystemExit(128 + signum)  # unwinds through `finally`: everything is stopped
 
-    def stop_on_sigterm(signum: int, frame: object) -> None:
-        raise SystemExit(128 + signum)  # unwinds through `finally`: the stack is stopped
-
-    signal.signal(signal.SIGTERM, stop_on_sigterm)
-
-    # asyncua warns about its own defaults (plaintext-password endpoints on the simulator's
-    # None-security endpoint, session timeouts the server shortened): not the demo's news.
-    logging.getLogger("asyncua").setLevel(logging.ERROR)
-
-    workdir = Path(tempfile.mkdtemp(prefix="edgefleet-demo-", dir="/tmp"))
-    workdir.chmod(0o755)  # the services' system users must reach the stack folder
-    launcher = Launcher(workdir / "stack")
-    print("1/5 starting the real-services stack")
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)  # Ctrl-C: the same, and a second one waits
     try:
-        env = launcher.up(progress=True)
-        password = launcher.add_mqtt_device(DEVICE)
-        code = _stream(env, password, args, workdir)
-        gc.collect()  # Kafka clients are gone before the broker stops: no reconnect noise
-        return code
+        return demo.run()
+    except DemoFailed as err:
+        say(f"edgefleet demo: {err}")
+        return 1
     finally:
-        if args.keep:
-            print(f"stack left running: eval \"$(edgefleet services --dir {launcher.root} env)\"")
-        else:
-            launcher.down()
-            shutil.rmtree(workdir, ignore_errors=True)
+        demo.close()
 
 
-async def _read_plant(
-    env: dict[str, str], gateway: Gateway, args: argparse.Namespace, labels: Path
-) -> dict[str, int]:
-    """Run the simulated plant and the gateway's three sources for `args.seconds`."""
-    from edgefleet.firmware_sim.mqtt_publisher import MqttSimConfig
-    from edgefleet.firmware_sim.opcua_server import node_id
-    from edgefleet.firmware_sim.runner import LabelWriter, SimRunner
-    from edgefleet.firmware_sim.scenario import Scenario
-    from edgefleet.firmware_sim.sim import build_servers
-    from edgefleet.protocols.mqtt import MqttSourceConfig
-    from edgefleet.protocols.opcua import OpcUaSourceConfig
+@dataclass
+class DeviceReport:
+    device: str
+    protocol: str
+    committed: int  # the last seq the agent's buffer committed: the fog should hold 1..this
+    exit_code: int | None
+    readings: int = 0  # plant readings stored (heartbeat gauges not counted)
+    assets: int = 0
+    row: Completeness | None = None
 
-    scenario = Scenario.generate(
-        args.assets, ["modbus", "opcua", "mqtt"], anomaly_rate=0.3, seed=7,
-        time_scale=args.time_scale,
-        mqtt=MqttSimConfig.model_validate({"broker": env["EDGEFLEET_MQTT_URL"]}),
-    )
-    writer = LabelWriter(labels)
-    plant = scenario.build_plant(label_sink=writer)
-    servers = build_servers(scenario, plant)
-    runner = SimRunner(plant, servers, time_scale=scenario.time_scale)
-    stop = asyncio.Event()
-    sim_task = asyncio.create_task(runner.run(stop), name="plant")
-    await runner.started.wait()
-    by_name = {server.name: server for server in servers}
-
-    modbus = by_name["modbus"].source_config(timeout_s=1.0).build()  # type: ignore[attr-defined]
-    opcua = OpcUaSourceConfig.model_validate({
-        "endpoint": by_name["opcua"].endpoint,  # type: ignore[attr-defined]
-        "nodes": [{"asset": asset, "tag": tag, "node_id": node_id(asset, tag)}
-                  for asset in scenario.assets_on("opcua")
-                  for tag in ("speed", "flow", "pressure", "current", "temperature",
-                              "vibration")],
-    }).build()
-    mqtt = MqttSourceConfig.model_validate({
-        "broker": env["EDGEFLEET_MQTT_URL"],
-        "subscriptions": [{"format": "json", "topic": "plant/+/telemetry",
-                           "asset": {"topic_segment": 1}, "values_path": "values",
-                           "timestamp_path": "ts"}],
-    }).build()
-
-    async def poll_modbus() -> None:
-        emit = gateway.emitter("modbus")
-        while True:
-            for sample in await modbus.poll():
-                emit(sample)
-            await asyncio.sleep(SHIP_EVERY_S)
-
-    tasks = [
-        asyncio.create_task(poll_modbus(), name="modbus"),
-        asyncio.create_task(opcua.run(gateway.emitter("opcua")), name="opcua"),
-        asyncio.create_task(mqtt.run(gateway.emitter("mqtt")), name="mqtt"),
-    ]
-    deadline = time.monotonic() + args.seconds
-    try:
-        while time.monotonic() < deadline:
-            await asyncio.sleep(SHIP_EVERY_S)
-            gateway.ship()
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await modbus.close()
-        gateway.ship()
-        stop.set()
-        await sim_task
-        writer.close()
-    return {"episodes": sum(1 for e in plant.labels if e.event == "start"),
-            "assets": len(scenario.assets)}
+    @property
+    def complete(self) -> bool:
+        row = self.row
+        return (row is not None and self.committed > 0 and self.readings > 0
+                and row.missing == 0 and row.received == row.expected == self.committed)
 
 
-def _stream(env: dict[str, str], password: str, args: argparse.Namespace, workdir: Path) -> int:
-    import psycopg
-    from confluent_kafka import Consumer, Producer
-    from confluent_kafka.admin import AdminClient
-    from confluent_kafka.cimpl import NewTopic
+class Demo:
+    """Everything one demo run starts, so that `close` can stop exactly that."""
 
-    from edgefleet.protocols.wire import Batch, WireError, decode_binary
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.real = args.stack == "real"
+        self.workdir = Path(tempfile.mkdtemp(prefix="edgefleet-demo-", dir="/tmp"))
+        self.launcher: Launcher | None = None
+        self.plant: DemoPlant | None = None
+        self.fog: FogProcess | None = None
+        self.agents: dict[str, AgentProcess] = {}  # device -> process
+        self.heartbeats: dict[str, dict[str, Any]] = {}  # device -> its last device_status
+        self.store_url = ""
+        self.stopping = False
+        self.t0 = time.monotonic()
 
-    print("2/5 preparing: Kafka topic, PostgreSQL table, device account", DEVICE)
-    admin = AdminClient({"bootstrap.servers": env["EDGEFLEET_KAFKA_BOOTSTRAP"]})
-    for future in admin.create_topics([NewTopic(KAFKA_TOPIC, num_partitions=3)]).values():
-        future.result(timeout=10)
-    with psycopg.connect(env["EDGEFLEET_PG_URL"], autocommit=True) as conn:
-        conn.execute(
-            "CREATE TABLE IF NOT EXISTS demo_readings (device text, seq bigint, asset text, "
-            "tag text, ts bigint, value double precision, quality text, "
-            "PRIMARY KEY (device, seq))"
-        )
+    # ---- the run ------------------------------------------------------------------------
 
-    counters = BridgeCounters()
-    producer = Producer({"bootstrap.servers": env["EDGEFLEET_KAFKA_BOOTSTRAP"],
-                         "enable.idempotence": True, "acks": "all",
-                         "compression.type": "lz4"})
+    def run(self) -> int:
+        import logging
 
-    def on_message(client: Any, userdata: Any, message: Any) -> None:
-        with counters.lock:
-            counters.received += 1
+        # asyncua warns about its own defaults (plaintext-password endpoints on the
+        # simulator's None-security endpoint, session timeouts the server shortened).
+        logging.getLogger("asyncua").setLevel(logging.ERROR)
+        # While the agents start, the 2-core machine is busy and the simulator's updates run
+        # late; it catches up by wall time, so the readings are still right: not news here.
+        logging.getLogger("edgefleet.firmware_sim.runner").setLevel(logging.ERROR)
+        env = self._start_stack()
+        self._start_plant(env)
+        fog_dir = self.workdir / "fog"
+        tokens = self._add_devices(fog_dir)
+        self._start_fog(fog_dir, env)
+        self._start_agents(tokens)
+        self._read_plant()
+        exits = self._stop_agents()
+        reports = self._collect(exits)
+        return self._report(reports)
+
+    def _start_stack(self) -> dict[str, str]:
+        if not self.real:
+            say("1/5 embedded stack: no servers to install (in-process MQTT broker for the "
+                "plant, SQLite store for the fog gateway)")
+            return {}
+        from edgefleet.deploy.services import Launcher
+
+        self.workdir.chmod(0o755)  # the services' system users must reach the stack folder
+        self.launcher = Launcher(self.workdir / "stack")
+        say(f"1/5 starting real services: {', '.join(REAL_SERVICES)} "
+            f"(edgefleet services, in {self.launcher.root})")
+        from edgefleet.deploy.services.base import LauncherError
+
         try:
-            batch = decode_binary(message.payload)
-        except WireError as err:
-            with counters.lock:
-                counters.rejected += 1
-                counters.errors.append(str(err))
-            return
-        producer.produce(KAFKA_TOPIC, value=bytes(message.payload), key=batch.device)
-        producer.poll(0)
-        with counters.lock:
-            counters.produced += 1
+            return self.launcher.up(only=REAL_SERVICES, progress=True)
+        except LauncherError as err:
+            raise DemoFailed(f"the services did not start: {err}") from err
 
-    bridge = _mqtt_client(env["EDGEFLEET_MQTT_URL"])
-    bridge.on_message = on_message
-    bridge.subscribe("edgefleet/devices/+/batches", qos=1)
-    device = _mqtt_client(env["EDGEFLEET_MQTT_URL"], DEVICE, password)
-    gateway = Gateway(device)
+    def _start_plant(self, env: dict[str, str]) -> None:
+        from urllib.parse import quote, urlsplit
 
-    labels = workdir / "labels.jsonl"
-    print(f"3/5 the plant runs ({args.assets} assets over Modbus, OPC UA and MQTT, "
-          f"{args.time_scale:g}x simulated time) and gateway {DEVICE} reads it for "
-          f"{args.seconds:g} s")
-    t0 = time.monotonic()
-    plant = asyncio.run(_read_plant(env, gateway, args, labels))
-    # An edge retry after a lost acknowledgement, and a garbage message.
-    extra = [gateway.payloads[len(gateway.payloads) // 2], b"\x00garbage"]
-    for payload in extra:
-        device.publish(TOPIC, payload, qos=1)
-    sent = len(gateway.payloads) + len(extra)
-    deadline = time.monotonic() + 60
-    while counters.received < sent and time.monotonic() < deadline:
-        time.sleep(0.05)
-    producer.flush(15)
+        from edgefleet.deploy.demo_plant import DemoPlant, MqttLine, free_port
 
-    print("4/5 the sink lands Kafka's batches in PostgreSQL")
-    consumer = Consumer({"bootstrap.servers": env["EDGEFLEET_KAFKA_BOOTSTRAP"],
-                         "group.id": "demo-sink", "auto.offset.reset": "earliest",
-                         "enable.auto.commit": False})
-    consumer.subscribe([KAFKA_TOPIC])
-    landed_messages = 0
-    with psycopg.connect(env["EDGEFLEET_PG_URL"]) as conn:
-        while landed_messages < counters.produced and time.monotonic() < deadline:
-            message = consumer.poll(0.5)
-            if message is None or message.error() or message.value() is None:
+        broker_port: int | None = None
+        if self.launcher is not None:
+            password = self.launcher.add_mqtt_device(PLANT_MQTT_ACCOUNT)
+            broker = urlsplit(env["EDGEFLEET_MQTT_URL"])
+            line = MqttLine(
+                f"mqtt://{PLANT_MQTT_ACCOUNT}:{quote(password, safe='')}@"
+                f"{broker.hostname}:{broker.port}",
+                f"edgefleet/devices/{PLANT_MQTT_ACCOUNT}/{{asset}}/telemetry")
+            where = f"Mosquitto, account {PLANT_MQTT_ACCOUNT}"
+        else:
+            broker_port = free_port()
+            line = MqttLine(f"mqtt://127.0.0.1:{broker_port}", "plant/{asset}/telemetry")
+            where = f"in-process broker on 127.0.0.1:{broker_port}"
+        self.plant = DemoPlant.generate(
+            self.args.assets, self.workdir / "labels.jsonl", line,
+            time_scale=self.args.time_scale, anomaly_rate=self.args.anomaly_rate,
+            seed=self.args.seed, embedded_broker_port=broker_port)
+        counts = ", ".join(f"{len(self.plant.assets_on(p))} {label}" for p, label in
+                           (("modbus", "Modbus TCP"), ("opcua", "OPC UA"), ("mqtt", "MQTT")))
+        say(f"2/5 simulated plant: {self.args.assets} assets ({counts}; MQTT via {where}), "
+            f"{self.args.time_scale:g}x simulated time, anomaly rate {self.args.anomaly_rate:g}")
+        from edgefleet.deploy.demo_plant import PlantError
+
+        try:
+            self.plant.start()
+        except PlantError as err:
+            raise DemoFailed(str(err)) from err
+
+    def _add_devices(self, fog_dir: Path) -> dict[str, str]:
+        from edgefleet.fog_gateway.auth import add_device
+
+        fog_dir.mkdir(mode=0o700)
+        return {device: add_device(fog_dir / "tokens.json", device)
+                for device in AGENTS.values()}
+
+    def _start_fog(self, fog_dir: Path, env: dict[str, str]) -> None:
+        from edgefleet.fog_gateway.harness import FogProcess
+
+        settings: dict[str, Any] = {"tokens_file": str(fog_dir / "tokens.json")}
+        if self.real:
+            self.store_url = env["EDGEFLEET_PG_URL"]
+            settings |= {"store": self.store_url,
+                         "kafka": {"bootstrap": env["EDGEFLEET_KAFKA_BOOTSTRAP"],
+                                   "partitions": 3},
+                         "sink": {"workers": 2}}
+            mode = "Kafka mode: ingest → Kafka → 2 sink workers → PostgreSQL"
+        else:
+            self.store_url = f"sqlite://{fog_dir / 'fog.db'}"  # fog_dir is absolute
+            settings["store"] = self.store_url
+            mode = "embedded mode: ingest → SQLite"
+        self.fog = FogProcess(fog_dir, settings)
+        try:
+            self.fog.start()
+        except (RuntimeError, TimeoutError) as err:
+            raise DemoFailed(str(err)) from err
+        say(f"3/5 fog gateway (edgefleet fog run) on {self.fog.base_url}, {mode}; "
+            f"tokens for {', '.join(AGENTS.values())}")
+
+    def _start_agents(self, tokens: dict[str, str]) -> None:
+        from edgefleet.edge_agent.harness import AgentProcess, write_agent_config
+
+        assert self.plant is not None and self.fog is not None
+        agents_dir = self.workdir / "agents"
+        agents_dir.mkdir(mode=0o700)  # tokens and broker logins live here
+        for protocol, device in AGENTS.items():
+            folder = agents_dir / device
+            folder.mkdir(mode=0o700)
+            token_file = folder / "fog-token"
+            token_file.write_text(tokens[device], encoding="utf-8")
+            token_file.chmod(0o600)
+            config = write_agent_config(
+                folder, fog_url=self.fog.url, device=device,
+                sources=self.plant.agent_sources(protocol),
+                fog={"token_file": str(token_file), "batch_max_wait_s": 0.5},
+                heartbeat={"interval_s": 5.0}, drain_timeout_s=30.0)
+            config.chmod(0o600)
+            self.agents[device] = AgentProcess(config)
+        for agent in self.agents.values():  # each is a process of its own: start them together
+            self._spawn(agent)
+        for device, agent in self.agents.items():
+            _wait_ready(agent, device)
+
+    def _spawn(self, agent: AgentProcess) -> None:
+        with agent.log_path.open("ab") as log_file:
+            agent.process = subprocess.Popen(
+                [agent.python, "-m", "edgefleet.deploy.cli", "agent", "run",
+                 "--config", str(agent.config)],
+                stdout=log_file, stderr=log_file, env=agent.env)
+
+    def _read_plant(self) -> None:
+        from edgefleet.fog_gateway.store import open_store
+
+        seconds = self.args.seconds
+        say(f"4/5 3 edge agents (edgefleet agent run) read the plant for {seconds:g} s and "
+            f"forward to the fog over HTTP: {', '.join(f'{d} ({p})' for p, d in AGENTS.items())}")
+        store = open_store(self.store_url)
+        try:
+            start = time.monotonic()
+            deadline = start + seconds
+            next_progress = start + min(PROGRESS_EVERY_S, seconds)
+            while (now := time.monotonic()) < deadline:
+                self._check_children()
+                time.sleep(min(0.5, deadline - now))
+                if time.monotonic() >= next_progress and time.monotonic() < deadline:
+                    next_progress += PROGRESS_EVERY_S
+                    landed = {row.device: row.received for row in _completeness(store)}
+                    say(f"    {time.monotonic() - start:4.0f} s  rows landed: " + ", ".join(
+                        f"{device} {landed.get(device, 0):,}" for device in AGENTS.values()))
+        finally:
+            store.close()
+
+    def _check_children(self) -> None:
+        for device, agent in self.agents.items():
+            if agent.process is not None and agent.process.poll() is not None:
+                raise DemoFailed(f"agent {device} exited with {agent.process.returncode}:\n"
+                                 + agent.log()[-2000:])
+        if self.fog is not None and self.fog.process is not None \
+                and self.fog.process.poll() is not None:
+            raise DemoFailed(f"the fog gateway exited with {self.fog.process.returncode}:\n"
+                             + self.fog.log()[-2000:])
+
+    def _stop_agents(self) -> dict[str, int | None]:
+        say("    stopping the agents (SIGTERM): they drain their buffers to the fog")
+        for agent in self.agents.values():
+            if agent.process is not None and agent.process.poll() is None:
+                agent.process.send_signal(signal.SIGTERM)
+        exits: dict[str, int | None] = {}
+        for device, agent in self.agents.items():
+            assert agent.process is not None
+            try:
+                exits[device] = agent.process.wait(60)
+            except subprocess.TimeoutExpired:
+                agent.kill()
+                exits[device] = None
+        return exits
+
+    def _collect(self, exits: dict[str, int | None]) -> list[DeviceReport]:
+        from edgefleet.fog_gateway.store import open_store
+
+        reports = [DeviceReport(device, protocol, _committed_seq(self.agents[device]),
+                                exits[device]) for protocol, device in AGENTS.items()]
+        store = open_store(self.store_url)
+        try:
+            # Kafka mode: the sink may still be writing what the ingest accepted.
+            deadline = time.monotonic() + SINK_CATCH_UP_S
+            while True:
+                rows = {row.device: row for row in _completeness(store)}
+                caught_up = all(r.device in rows and rows[r.device].received >= r.committed
+                                for r in reports)
+                if caught_up or time.monotonic() > deadline:
+                    break
+                time.sleep(0.2)
+            self.heartbeats = {status["device"]: status for status in store.device_status()}
+        finally:
+            store.close()
+        readings = _readings_by_device(self.store_url)
+        for report in reports:
+            report.row = rows.get(report.device)
+            report.readings, report.assets = readings.get(report.device, (0, 0))
+        return reports
+
+    def _report(self, reports: list[DeviceReport]) -> int:
+        assert self.plant is not None
+        store = "PostgreSQL, through Kafka" if self.real else "SQLite"
+        say(f"5/5 report ({self.args.stack} stack; from the fog's store, {store})")
+        say(f"  {'device':<12} {'protocol':<8} {'assets':>6} {'readings':>9} {'committed':>9} "
+            f"{'received':>9} {'expected':>9} {'missing':>7} {'dups':>5} {'complete':>9}")
+        for r in reports:
+            row = r.row
+            ratio = f"{100 * row.ratio:.1f} %" if row is not None else "-"
+            say(f"  {r.device:<12} {r.protocol:<8} {r.assets:>6} {r.readings:>9,} "
+                f"{r.committed:>9,} {row.received if row else 0:>9,} "
+                f"{row.expected if row else 0:>9,} {row.missing if row else 0:>7,} "
+                f"{row.duplicates if row else 0:>5,} {ratio:>9}")
+        say("  (readings: the plant's samples; received also counts the agents' own "
+            "heartbeat gauges; committed: the last seq each agent's buffer committed)")
+        say("  readings by protocol  " + ", ".join(f"{r.protocol} {r.readings:,}"
+                                                  for r in reports))
+        for r in reports:
+            beat = self.heartbeats.get(r.device)
+            if beat is None:
+                say(f"  heartbeat {r.device:<12} none received")
                 continue
-            batch: Batch = decode_binary(message.value() or b"")
-            with conn.cursor() as cur:
-                cur.executemany(
-                    "INSERT INTO demo_readings VALUES (%s,%s,%s,%s,%s,%s,%s) "
-                    "ON CONFLICT (device, seq) DO NOTHING",
-                    [(r.device, r.seq, r.asset, r.tag, r.ts, r.value, r.quality.value)
-                     for r in batch.readings],
-                )
-            conn.commit()
-            consumer.commit(message=message, asynchronous=False)  # only after the DB commit
-            landed_messages += 1
-        took = time.monotonic() - t0
-        rows, gaps, assets = conn.execute(
-            "SELECT count(*), max(seq) - min(seq) + 1 - count(*), count(DISTINCT asset) "
-            "FROM demo_readings"
-        ).fetchone() or (0, 0, 0)
-    consumer.close()
-    for client in (device, bridge):
-        client.disconnect()
-        client.loop_stop()
+            say(f"  heartbeat {r.device:<12} agent {beat['agent_version']}, buffer depth "
+                f"{beat['buffer_depth']}, uptime {float(beat['uptime_s'] or 0):.0f} s, "
+                f"status {beat['status']}")
+        by_kind = self.plant.episodes_by_kind()
+        kinds = ", ".join(f"{kind} {n}" for kind, n in sorted(by_kind.items())) or "none"
+        simulated_min = self.args.seconds * self.args.time_scale / 60
+        say(f"  anomaly episodes      {sum(by_kind.values())} injected over "
+            f"{simulated_min:.0f} simulated minutes ({kinds})")
+        say("                        ground truth: labels.jsonl in the demo folder "
+            "(kept with --keep)")
+        agent_exits = ", ".join(f"{r.device} {r.exit_code}" for r in reports)
+        say(f"  agents' exit status   {agent_exits} (0: drained and stopped cleanly)")
+        say(f"  elapsed               {time.monotonic() - self.t0:.1f} s")
+        incomplete = [r.device for r in reports if not r.complete]
+        if incomplete:
+            say(f"  result                INCOMPLETE: {', '.join(incomplete)} (logs in "
+                f"{self.workdir}; rerun with --keep to keep them)")
+            return 1
+        say(f"  result                completeness 100 % for all {len(reports)} devices: "
+            "every reading the agents buffered landed in the fog exactly once")
+        return 0
 
-    expected = gateway.next_seq
-    read = ", ".join(f"{p} {n:,}" for p, n in sorted(gateway.by_protocol.items()))
-    print("5/5 report")
-    print(f"  readings by protocol     {read}")
-    print(f"  assets seen              {assets} of {plant['assets']}")
-    print(f"  anomaly episodes         {plant['episodes']} started (ground truth in "
-          "labels.jsonl)")
-    print(f"  batches sent             {len(gateway.payloads)} + 1 resent + 1 garbage")
-    print(f"  rejected as malformed    {counters.rejected}"
-          + (f"  ({counters.errors[0]})" if counters.errors else ""))
-    print(f"  rows in PostgreSQL       {rows} of {expected} expected, seq gaps {gaps}")
-    print(f"  elapsed                  {took:.1f} s")
-    ok = (rows == expected > 0 and gaps == 0 and counters.rejected == 1
-          and assets == plant["assets"] and gateway.overflow == 0
-          and set(gateway.by_protocol) == {"modbus", "opcua", "mqtt"})
-    print("  result                   " + ("complete, no loss, no duplicates" if ok
-                                         else "INCOMPLETE"))
-    return 0 if ok else 1
+    # ---- stopping -----------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop what this run started, newest first; each step runs even if one fails."""
+        self.stopping = True
+        steps: list[tuple[str, Any]] = [
+            *((f"agent {device}", _stopper(agent)) for device, agent in self.agents.items()),
+            ("fog gateway", self.fog.stop if self.fog is not None else None),
+            ("plant", self.plant.stop if self.plant is not None else None),
+        ]
+        if self.launcher is not None and not self.args.keep:
+            steps.append(("services", self.launcher.down))
+        for name, step in steps:
+            if step is None:
+                continue
+            try:
+                step()
+            except Exception as err:  # noqa: BLE001 - keep stopping the rest
+                print(f"edgefleet demo: stopping {name} failed: {err!r}", file=sys.stderr)
+        if self.args.keep:
+            say(f"demo folder kept: {self.workdir} (fog store, agents' configs, buffers and "
+                "logs, labels.jsonl)")
+            if self.launcher is not None:
+                say(f"services left running: eval \"$(edgefleet services --dir "
+                    f"{self.launcher.root} env)\"; stop them with `edgefleet services --dir "
+                    f"{self.launcher.root} down`")
+        else:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+class DemoFailed(Exception):
+    """A child process of the demo died; the message carries the end of its log."""
+
+
+def _stopper(agent: AgentProcess) -> Any:
+    def stop() -> None:
+        if agent.process is not None and agent.process.poll() is None:
+            agent.stop(timeout_s=40.0)  # SIGTERM: drains for at most its drain_timeout_s
+
+    return stop
+
+
+def _wait_ready(agent: AgentProcess, device: str, timeout_s: float = 60.0) -> None:
+    from edgefleet.edge_agent.harness import READY_LINE
+
+    assert agent.process is not None
+    deadline = time.monotonic() + timeout_s
+    while READY_LINE not in agent.log():
+        if agent.process.poll() is not None:
+            raise DemoFailed(f"agent {device} exited with {agent.process.returncode}:\n"
+                             + agent.log()[-3000:])
+        if time.monotonic() > deadline:
+            raise DemoFailed(f"agent {device} not running after {timeout_s:g} s:\n"
+                             + agent.log()[-3000:])
+        time.sleep(0.05)
+
+
+def _completeness(store: Store) -> list[Completeness]:
+    from edgefleet.fog_gateway.store import StoreUnavailable
+
+    try:
+        return store.completeness()
+    except StoreUnavailable:  # e.g. SQLite busy for a moment: the next look will do
+        return []
+
+
+def _committed_seq(agent: AgentProcess) -> int:
+    """The last seq the agent's buffer committed (`max(next_seq) - 1`)."""
+    path = agent.config.parent / "buffer.db"
+    if not path.exists():
+        return 0
+    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as connection:
+        row = connection.execute("SELECT max(next_seq) - 1 FROM devices").fetchone()
+    return int(row[0] or 0)
+
+
+# The plant's readings: not the agents' heartbeat gauges (asset `agent`) and not
+# inference outputs (tags `ml:…`).
+_READINGS_SQL: Final = (
+    "SELECT device, count(*), count(DISTINCT asset) FROM readings "
+    "WHERE asset <> 'agent' AND tag NOT LIKE 'ml:%%' GROUP BY device"
+)
+
+
+def _readings_by_device(store_url: str) -> dict[str, tuple[int, int]]:
+    """Per device: the plant's readings stored, and how many assets they came from."""
+    if store_url.startswith("sqlite:///"):
+        path = store_url.removeprefix("sqlite://")  # the absolute path
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
+            rows = conn.execute(_READINGS_SQL).fetchall()
+    else:
+        import psycopg
+
+        with psycopg.connect(store_url) as pg:
+            rows = pg.execute(_READINGS_SQL).fetchall()
+    return {str(device): (int(count), int(assets)) for device, count, assets in rows}
