@@ -428,7 +428,10 @@ class SqliteStore:
             raise
 
     def _setup(self, conn: sqlite3.Connection) -> None:
-        conn.executescript(_SQLITE_SCHEMA)
+        # Readers (completeness, metrics, reports) open the store while a writer is busy:
+        # when the schema is already there, look without taking SQLite's write lock.
+        if not self._schema_present(conn):
+            conn.executescript(_SQLITE_SCHEMA)
         row = conn.execute("SELECT value FROM store_meta WHERE key = 'schema_version'").fetchone()
         if int(row[0]) > SCHEMA_VERSION:
             raise RuntimeError(
@@ -437,6 +440,14 @@ class SqliteStore:
             )
         self._ready = True
         log.info("fog store ready: %s", self.description)
+
+    @staticmethod
+    def _schema_present(conn: sqlite3.Connection) -> bool:
+        if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND "
+                        "name = 'store_meta'").fetchone() is None:
+            return False
+        row = conn.execute("SELECT value FROM store_meta WHERE key = 'schema_version'").fetchone()
+        return row is not None and int(row[0]) == SCHEMA_VERSION
 
     def setup(self) -> str:
         self._ready = False

@@ -23,7 +23,7 @@ from edgefleet.deploy.services.postgres import PostgresService
 from edgefleet.edge_agent.harness import AgentProcess, write_agent_config
 from edgefleet.fog_gateway.auth import add_device
 from edgefleet.fog_gateway.harness import FogProcess
-from edgefleet.fog_gateway.store import Completeness, open_store
+from edgefleet.fog_gateway.store import Completeness, StoreUnavailable, open_store
 from edgefleet.protocols.wire import Batch, Quality, Reading, encode_binary
 
 from .. import waiting
@@ -43,9 +43,12 @@ def wait_for(condition: Callable[[], bool], timeout_s: float, what: str,
 
 
 def completeness(store_url: str, device: str) -> Completeness | None:
+    """The device's row, or None (also while the store is briefly busy: callers poll)."""
     store = open_store(store_url)
     try:
         return next((row for row in store.completeness() if row.device == device), None)
+    except StoreUnavailable:
+        return None
     finally:
         store.close()
 
