@@ -508,12 +508,21 @@ class Agent:
                                               name="heartbeat-send")
 
 
-async def _cancel(tasks: Sequence[asyncio.Task[Any]]) -> None:
+async def _cancel(tasks: Sequence[asyncio.Task[Any]], timeout_s: float = 10.0) -> None:
+    """Cancel `tasks` and wait up to `timeout_s` for them to finish. A task that ignores
+    its cancellation (a protocol library stuck in its own teardown) is logged and left
+    behind, so that it cannot hold up the drain that follows."""
+    if not tasks:
+        return
     for task in tasks:
         task.cancel()
-    for task in tasks:
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await task
+    done, pending = await asyncio.wait(tasks, timeout=timeout_s)
+    for task in done:
+        if not task.cancelled():
+            task.exception()  # retrieved: a failure was already logged where it happened
+    for task in pending:
+        log.warning("task %s did not stop within %g s of its cancellation; going on without "
+                    "it", task.get_name(), timeout_s)
 
 
 async def run_agent(

@@ -369,6 +369,11 @@ class OpcUaSource:
             finally:
                 self.connected = False
                 self.mode = "down"
+            # A cancellation that arrived inside asyncua may come out as one of the errors
+            # above: the task is still being cancelled, so stop instead of reconnecting.
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise asyncio.CancelledError
             await asyncio.sleep(backoff.next_delay())
 
     # ---- one session ---------------------------------------------------------------------
