@@ -49,6 +49,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "start, stop and inspect the local real services (PostgreSQL, Mosquitto, Kafka, S3, "
         "MLflow, Prometheus)",
     ),
+    "train": (
+        "edgefleet.cloud.training.cli",
+        "train anomaly models on the fog store's labelled history, export ONNX, register "
+        "in MLflow (challenger; champion when better)",
+    ),
 }
 
 # bench name -> "module:function" returning a dict of figures.
@@ -57,6 +62,7 @@ BENCHES: dict[str, str] = {
     "protocols": "edgefleet.protocols.bench_protocols:bench_protocols",
     "agent": "edgefleet.edge_agent.bench_agent:bench_agent",
     "fog": "edgefleet.fog_gateway.bench_fog:bench_fog",
+    "train": "edgefleet.cloud.training.bench_train:bench_train",
 }
 
 
