@@ -22,7 +22,7 @@ __all__ = ["bench_train"]
 
 def bench_train() -> dict[str, Any]:
     from .data import simulate_history
-    from .pipeline import run_pipeline
+    from .tasks import TrainingConfig, run_inline
 
     hours = float(os.environ.get("EDGEFLEET_BENCH_HOURS", "12"))
     assets = int(os.environ.get("EDGEFLEET_BENCH_ASSETS", "6"))
@@ -32,31 +32,31 @@ def bench_train() -> dict[str, Any]:
         history = simulate_history(f"sqlite://{folder / 'fog.db'}", folder / "labels.jsonl",
                                    hours=hours, assets=assets)
         simulate_seconds = time.perf_counter() - started
-        result = run_pipeline(
-            store_url=history.store_url, labels=history.labels_path,
-            start_ns=history.start_ns, end_ns=history.end_ns, workdir=folder / "models",
+        state = run_inline(TrainingConfig(
+            store_url=history.store_url, labels=str(history.labels_path),
+            start_ns=history.start_ns, end_ns=history.end_ns, workdir=str(folder),
             tracking_uri=f"sqlite:///{folder / 'mlflow.db'}",
-            artifact_root=folder / "mlruns",
-        )
-    evaluation = result.evaluation
-    registration = result.registration
-    assert registration is not None and registration.promoted  # a fresh registry
+            artifact_root=str(folder / "mlruns"),
+        ))
+    overall = state["test"]["overall"]
+    assert state["promotion"]["promoted"]  # a fresh registry
     return {
-        "f1_champion": round(evaluation.overall.f1, 4),
-        "f1_per_kind": {k: round(m.f1, 4) for k, m in evaluation.per_kind.items()},
-        "roc_auc_champion": evaluation.overall.roc_auc,
-        "pr_auc_champion": evaluation.overall.pr_auc,
-        "median_detection_delay_s": evaluation.overall.median_delay_s,
-        "episodes_detected": f"{evaluation.overall.detected}/{evaluation.overall.episodes}",
-        "champion_candidate": result.trained.champion.candidate.name,
-        "parity_max_abs_diff": result.exported.parity_max_abs_diff,
-        "onnx_p99_us_batch1": round(result.exported.onnx_p99_us_batch1, 1),
-        "sklearn_p99_us_batch1": round(result.exported.sklearn_p99_us_batch1, 1),
-        "train_seconds": round(result.trained.train_seconds, 2),
+        "f1_champion": round(overall["f1"], 4),
+        "f1_per_kind": {k: round(m["f1"], 4) for k, m in state["test"]["per_kind"].items()},
+        "roc_auc_champion": overall["roc_auc"],
+        "pr_auc_champion": overall["pr_auc"],
+        "median_detection_delay_s": overall["median_delay_s"],
+        "episodes_detected": f"{overall['detected']}/{overall['episodes']}",
+        "champion_candidate": state["candidate"],
+        "parity_max_abs_diff": state["parity_max_abs_diff"],
+        "onnx_p99_us_batch1": round(state["onnx_p99_us_batch1"], 1),
+        "sklearn_p99_us_batch1": round(state["sklearn_p99_us_batch1"], 1),
+        "train_seconds": round(state["train_seconds"], 2),
         "simulate_seconds": round(simulate_seconds, 2),
-        "extract_seconds": round(result.timings["extract_s"], 2),
-        "register_seconds": round(result.timings.get("register_s", 0.0), 2),
+        "extract_seconds": round(state["timings"]["extract"], 2),
+        "register_seconds": round(state["timings"]["register"]
+                                  + state["timings"]["promote"], 2),
         "history_hours": hours,
         "assets": assets,
-        "test_windows": len(result.split.test),
+        "test_windows": state["windows"]["test"],
     }

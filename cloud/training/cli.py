@@ -27,6 +27,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -78,11 +79,11 @@ def run(args: argparse.Namespace) -> int:
     from edgefleet.deploy.cli import CliError
 
     from .candidates import FAMILIES
-    from .data import NS, simulate_history, store_time_range
+    from .data import simulate_history
     from .errors import TrainingError
     from .export import DEFAULT_LATENCY_BUDGET_US
-    from .pipeline import run_pipeline
     from .registry import DEFAULT_MODEL_NAME
+    from .tasks import TrainingConfig, run_inline
 
     state = (args.state_dir or default_state_dir()).absolute()
     state.mkdir(parents=True, exist_ok=True)
@@ -92,35 +93,34 @@ def run(args: argparse.Namespace) -> int:
     tracking_uri = (args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
                     or f"sqlite:///{state / 'mlflow.db'}")  # SQLAlchemy: 4 slashes, absolute
     local_tracking = tracking_uri.startswith("sqlite:")
-    families = tuple(args.families.split(",")) if args.families else FAMILIES
     if args.hours <= 0 or args.assets < 1:
         raise CliError("--hours must be positive and --assets at least 1")
+    try:
+        config = TrainingConfig(
+            store_url=store_url, labels=str(labels), workdir=str(state),
+            tracking_uri=tracking_uri, model_name=args.model_name or DEFAULT_MODEL_NAME,
+            hours=args.hours, hop=args.hop,
+            families=tuple(args.families.split(",")) if args.families else FAMILIES,
+            seed=args.seed,
+            latency_budget_us=args.latency_budget_us or DEFAULT_LATENCY_BUDGET_US,
+            artifact_root=str(state / "mlruns") if local_tracking else None,
+            control_url=os.environ.get("EDGEFLEET_CONTROL_URL") or None,
+        )
+    except ValueError as err:
+        raise CliError(str(err)) from err
 
     started = time.perf_counter()
     try:
         if args.simulate or (embedded_store and not labels.exists()):
             history = simulate_history(store_url, labels, hours=args.hours, assets=args.assets,
                                        seed=args.seed, anomaly_rate=args.anomaly_rate)
-            start_ns, end_ns = history.start_ns, history.end_ns
+            config = replace(config, start_ns=history.start_ns, end_ns=history.end_ns)
             print(f"simulated {args.hours:g} h of {args.assets} assets: {history.readings} "
                   f"readings, {len(history.episodes)} episodes → {store_url}", file=sys.stderr)
-        else:
-            if not labels.exists():
-                raise CliError(f"labels file {labels} does not exist (give --labels, or "
-                               "--simulate to write a simulated history)")
-            span = store_time_range(store_url)
-            if span is None:
-                raise CliError(f"the store {store_url} holds no readings to train on", 1)
-            end_ns = span[1] + 1
-            start_ns = max(span[0], end_ns - int(args.hours * 3600 * NS))
-        result = run_pipeline(
-            store_url=store_url, labels=labels, start_ns=start_ns, end_ns=end_ns,
-            workdir=state / "models", tracking_uri=tracking_uri,
-            model_name=args.model_name or DEFAULT_MODEL_NAME, hop=args.hop,
-            families=families, seed=args.seed,
-            latency_budget_us=args.latency_budget_us or DEFAULT_LATENCY_BUDGET_US,
-            artifact_root=state / "mlruns" if local_tracking else None,
-        )
+        elif not labels.exists():
+            raise CliError(f"labels file {labels} does not exist (give --labels, or "
+                           "--simulate to write a simulated history)")
+        result = run_inline(config)
     except (TrainingError, ValueError) as err:
         raise CliError(str(err), 1) from err
     summary = summarise(result, tracking_uri, time.perf_counter() - started)
@@ -131,37 +131,30 @@ def run(args: argparse.Namespace) -> int:
     return 0 if summary["champion_version"] is not None else 1
 
 
-def summarise(result: Any, tracking_uri: str, seconds: float) -> dict[str, Any]:
-    """The run's figures as one JSON-serialisable dict."""
-    registration = result.registration
-    evaluation = result.evaluation
-    champion_version = None
-    if registration is not None:
-        champion_version = (registration.version if registration.promoted
-                            else registration.previous_champion.version
-                            if registration.previous_champion else None)
+def summarise(state: dict[str, Any], tracking_uri: str, seconds: float) -> dict[str, Any]:
+    """The run's figures (the tasks' final state) as one JSON-serialisable dict."""
+    registered = state.get("registered") or {}
+    promotion = state.get("promotion") or {}
     return {
         "tracking_uri": tracking_uri,
-        "model_name": registration.model_name if registration else None,
-        "version": registration.version if registration else None,
-        "promoted": registration.promoted if registration else False,
-        "promotion": registration.reason if registration else "not registered",
-        "champion_version": champion_version,
-        "candidate": result.trained.champion.candidate.name,
-        "validation_f1": {f.candidate.name: round(f.validation_f1, 4)
-                          for f in result.trained.candidates},
-        "test": evaluation.as_dict(),
-        "windows": {"train": len(result.split.train),
-                    "validation": len(result.split.validation),
-                    "test": len(result.split.test)},
-        "parity_max_abs_diff": result.exported.parity_max_abs_diff,
-        "parity_label_agreement": result.exported.label_agreement,
-        "onnx_p99_us_batch1": result.exported.onnx_p99_us_batch1,
-        "sklearn_p99_us_batch1": result.exported.sklearn_p99_us_batch1,
-        "train_seconds": result.trained.train_seconds,
-        "timings": result.timings,
+        "model_name": registered.get("model_name"),
+        "version": registered.get("version"),
+        "promoted": bool(promotion.get("promoted")),
+        "promotion": promotion.get("reason", "not registered"),
+        "champion_version": promotion.get("champion_version"),
+        "candidate": state["candidate"],
+        "validation_f1": state["validation_f1"],
+        "test": state["test"],
+        "windows": state["windows"],
+        "parity_max_abs_diff": state["parity_max_abs_diff"],
+        "parity_label_agreement": state["parity_label_agreement"],
+        "onnx_p99_us_batch1": state["onnx_p99_us_batch1"],
+        "sklearn_p99_us_batch1": state["sklearn_p99_us_batch1"],
+        "train_seconds": state["train_seconds"],
+        "timings": state["timings"],
+        "rollout": state.get("rollout"),
         "total_seconds": seconds,
-        "onnx_path": str(result.exported.path),
+        "onnx_path": state["onnx_path"],
     }
 
 

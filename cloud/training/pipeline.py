@@ -1,15 +1,15 @@
-"""The training pipeline as plain task functions, run inline by `edgefleet train` and, later,
-by the Airflow DAG (one task each):
+"""The training pipeline's steps as plain functions over in-memory objects:
 
 ```
-extract_step ─► train_step ─► evaluate_step ─► export_step ─► register_step
- (store+labels)  (candidates,   (test window,    (ONNX, parity    (MLflow run, version,
-  checks, split)  val F1 pick)   per kind)        + latency gates)  challenger/champion)
+extract_step ─► train_step ─► evaluate_step ─► export_step ─► register_step ─► promote_step
+ (store+labels)  (candidates,   (test window,    (ONNX, parity    (MLflow run,      (champion
+  checks, split)  val F1 pick)   per kind)        + latency gates)  challenger)       if better)
 ```
 
-Every check runs before anything is written to MLflow, so bad input (an empty or tiny
-window, one class, NaNs, a feature-schema mismatch) or a failed gate leaves the registry,
-and the `champion` alias, as they were.
+`tasks.py` wraps each step as a task of the training DAG (and of `edgefleet train`, which
+runs the same tasks inline). Every check runs before anything is written to MLflow, so bad
+input (an empty or tiny window, one class, NaNs, a feature-schema mismatch) or a failed
+gate leaves the registry, and the `champion` alias, as they were.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -42,21 +42,21 @@ from .evaluate import Evaluation, evaluate, flat_metrics
 from .export import DEFAULT_LATENCY_BUDGET_US, ExportResult, export_model
 from .registry import (
     DEFAULT_EXPERIMENT,
-    DEFAULT_MODEL_NAME,
+    Promotion,
     Registration,
     feature_reference,
     git_sha,
     log_and_register,
+    promote,
 )
 
 __all__ = [
-    "PipelineResult",
     "TrainResult",
     "evaluate_step",
     "export_step",
     "extract_step",
+    "promote_step",
     "register_step",
-    "run_pipeline",
     "train_step",
 ]
 
@@ -68,16 +68,6 @@ class TrainResult:
     champion: FittedCandidate
     candidates: list[FittedCandidate]
     train_seconds: float
-
-
-@dataclass(frozen=True)
-class PipelineResult:
-    split: Split
-    trained: TrainResult
-    evaluation: Evaluation
-    exported: ExportResult
-    registration: Registration | None
-    timings: dict[str, float] = field(default_factory=dict)
 
 
 def extract_step(
@@ -165,6 +155,17 @@ def register_step(
         "model_family": champion.candidate.family,
         "onnx_version": str(exported.metadata["version"]),
     }
+    return log_and_register(
+        tracking_uri=tracking_uri, model_name=model_name, onnx_path=exported.path,
+        params=params, metrics=metrics, evaluation=evaluation, test=split.test,
+        test_scores=test_scores, reference=feature_reference(split.train), tags=tags,
+        experiment=experiment, artifact_root=artifact_root,
+    )
+
+
+def promote_step(*, tracking_uri: str, registration: Registration, split: Split) -> Promotion:
+    """`champion` moves to the new version only if it beats the current champion on this
+    run's test window, re-featurized with the champion's own spec when that differs."""
     test = split.test
 
     def test_for_spec(other: FeatureSpec) -> Dataset:
@@ -174,51 +175,9 @@ def register_step(
                           end_ns=test.end_ns, hop=test.hop)
         return whole.subset(whole.ts_ns >= test.start_ns, test.start_ns, test.end_ns)
 
-    return log_and_register(
-        tracking_uri=tracking_uri, model_name=model_name, onnx_path=exported.path,
-        params=params, metrics=metrics, evaluation=evaluation, test=test,
-        test_scores=test_scores, reference=feature_reference(split.train), tags=tags,
-        test_for_spec=test_for_spec, experiment=experiment, artifact_root=artifact_root,
-    )
+    return promote(tracking_uri=tracking_uri, registration=registration,
+                   test_for_spec=test_for_spec)
 
 
 def _iso(ts_ns: int) -> str:
     return datetime.fromtimestamp(ts_ns / 1e9, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def run_pipeline(
-    *, store_url: str, labels: Path | Sequence[Episode], start_ns: int, end_ns: int,
-    workdir: Path, tracking_uri: str | None, model_name: str = DEFAULT_MODEL_NAME,
-    spec: FeatureSpec = DEFAULT_SPEC, hop: int = 5, families: Sequence[str] = FAMILIES,
-    seed: int = 7, latency_budget_us: float = DEFAULT_LATENCY_BUDGET_US,
-    experiment: str = DEFAULT_EXPERIMENT, artifact_root: Path | None = None,
-    min_windows: int = MIN_WINDOWS,
-) -> PipelineResult:
-    """Every step in order; `tracking_uri=None` stops after the gates (nothing registered)."""
-    timings: dict[str, float] = {}
-    started = time.perf_counter()
-    split = extract_step(store_url, labels, start_ns=start_ns, end_ns=end_ns, spec=spec,
-                         hop=hop, min_windows=min_windows)
-    timings["extract_s"] = time.perf_counter() - started
-    trained = train_step(split, spec, families=families, seed=seed, min_windows=min_windows)
-    timings["train_s"] = trained.train_seconds
-    evaluation, scores = evaluate_step(trained, split)
-    version = f"{trained.champion.candidate.family}-{_stamp()}"
-    started = time.perf_counter()
-    exported = export_step(trained, split, workdir / f"{version}.onnx", name=model_name,
-                           version=version, spec=spec, latency_budget_us=latency_budget_us)
-    timings["export_s"] = time.perf_counter() - started
-    registration = None
-    if tracking_uri is not None:
-        started = time.perf_counter()
-        registration = register_step(
-            tracking_uri=tracking_uri, model_name=model_name, split=split, trained=trained,
-            evaluation=evaluation, exported=exported, test_scores=scores, spec=spec,
-            experiment=experiment, artifact_root=artifact_root,
-        )
-        timings["register_s"] = time.perf_counter() - started
-    return PipelineResult(split, trained, evaluation, exported, registration, timings)
-
-
-def _stamp() -> str:
-    return datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")

@@ -3,10 +3,15 @@
 MLflow 3 semantics: no stages; aliases (`models:/NAME@champion`). `mlflow.onnx.log_model`
 takes `name=`; the model is registered from the URI it returns.
 
-Promotion contract: the challenger becomes `champion` only when there is no champion, or
-when it scores a strictly higher F1 than the current champion **on the same evaluation
-window** (the champion is re-scored here, from its own ONNX file and threshold, with its
-own feature spec). Nothing moves the `champion` alias before that comparison succeeds.
+Two steps, two tasks of the training DAG:
+
+* `log_and_register` logs the run and registers its ONNX model as a new version with alias
+  `challenger`. The `champion` alias is not touched.
+* `promote` moves `champion` to that version only when there is no champion, or when the
+  challenger scores a strictly higher F1 than the current champion **on the same evaluation
+  window** (the champion is re-scored here, from its own ONNX file and threshold, with its
+  own feature spec). A champion that cannot be re-scored raises `PromotionError` and the
+  alias stays where it was.
 """
 
 from __future__ import annotations
@@ -36,10 +41,12 @@ __all__ = [
     "DEFAULT_EXPERIMENT",
     "DEFAULT_MODEL_NAME",
     "ChampionScore",
+    "Promotion",
     "Registration",
     "feature_reference",
     "git_sha",
     "log_and_register",
+    "promote",
     "score_champion",
 ]
 
@@ -64,7 +71,13 @@ class Registration:
     version: str
     run_id: str
     model_uri: str
+    test_f1: float
+
+
+@dataclass(frozen=True)
+class Promotion:
     promoted: bool
+    champion_version: str
     previous_champion: ChampionScore | None
     reason: str
 
@@ -199,12 +212,10 @@ def log_and_register(
     test_scores: npt.ArrayLike,
     reference: Mapping[str, Any],
     tags: Mapping[str, str],
-    test_for_spec: Callable[[FeatureSpec], Dataset],
     experiment: str = DEFAULT_EXPERIMENT,
     artifact_root: Path | None = None,
 ) -> Registration:
-    """Log one run, register its ONNX model as a new version with alias `challenger`, and
-    move `champion` to it when it beats the current champion on the same window."""
+    """Log one run and register its ONNX model as a new version with alias `challenger`."""
     import mlflow
     import mlflow.onnx
     import onnx
@@ -213,9 +224,7 @@ def log_and_register(
 
     mlflow.set_tracking_uri(tracking_uri)
     client = MlflowClient(tracking_uri=tracking_uri)
-    # Scored before anything is written: a champion that cannot be compared stops here.
-    previous = score_champion(client, model_name, test_for_spec)
-    challenger_f1 = evaluation.overall.f1
+    test_f1 = evaluation.overall.f1
     experiment_id = _experiment_id(mlflow, experiment, artifact_root)
     example = np.asarray(test.X[:5], dtype=np.float32)
     model = onnx.load(onnx_path)
@@ -238,24 +247,44 @@ def log_and_register(
         version = str(registered.version)
         for key, value in tags.items():
             client.set_model_version_tag(model_name, version, key, value)
-        client.set_model_version_tag(model_name, version, "test_f1", f"{challenger_f1:.6f}")
+        client.set_model_version_tag(model_name, version, "run_id", run.info.run_id)
+        client.set_model_version_tag(model_name, version, "test_f1", f"{test_f1:.6f}")
         client.set_registered_model_alias(model_name, CHALLENGER, version)
-        if previous is None:
-            promoted, reason = True, "no champion yet"
-        elif challenger_f1 > previous.f1:
-            promoted = True
-            reason = (f"F1 {challenger_f1:.4f} beats champion v{previous.version} "
-                      f"({previous.f1:.4f}) on the same window")
-        else:
-            promoted = False
-            reason = (f"F1 {challenger_f1:.4f} does not beat champion v{previous.version} "
-                      f"({previous.f1:.4f}) on the same window; it stays challenger")
-        if previous is not None:
-            client.set_model_version_tag(model_name, version, "champion_f1_same_window",
-                                         f"{previous.f1:.6f}")
-        if promoted:
-            client.set_registered_model_alias(model_name, CHAMPION, version)
-        mlflow.set_tag("promotion", reason)
-        log.info("registered %s v%s: %s", model_name, version, reason)
+        log.info("registered %s v%s as %s (test F1 %.4f)", model_name, version, CHALLENGER,
+                 test_f1)
         return Registration(model_name, version, run.info.run_id,
-                            f"models:/{model_name}/{version}", promoted, previous, reason)
+                            f"models:/{model_name}/{version}", test_f1)
+
+
+def promote(
+    *, tracking_uri: str, registration: Registration,
+    test_for_spec: Callable[[FeatureSpec], Dataset],
+) -> Promotion:
+    """Move `champion` to the registered version if it beats the current champion on the
+    same evaluation window (see the module docstring)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    name, version, f1 = registration.model_name, registration.version, registration.test_f1
+    previous = score_champion(client, name, test_for_spec)
+    if previous is not None and previous.version == version:
+        return Promotion(False, version, previous, f"v{version} is already the champion")
+    if previous is None:
+        promoted, reason = True, "no champion yet"
+    elif f1 > previous.f1:
+        promoted = True
+        reason = (f"F1 {f1:.4f} beats champion v{previous.version} ({previous.f1:.4f}) on "
+                  "the same window")
+    else:
+        promoted = False
+        reason = (f"F1 {f1:.4f} does not beat champion v{previous.version} "
+                  f"({previous.f1:.4f}) on the same window; it stays challenger")
+    if previous is not None:
+        client.set_model_version_tag(name, version, "champion_f1_same_window",
+                                     f"{previous.f1:.6f}")
+    if promoted:
+        client.set_registered_model_alias(name, CHAMPION, version)
+    client.set_tag(registration.run_id, "promotion", reason)
+    log.info("%s v%s: %s", name, version, reason)
+    champion = version if promoted else previous.version if previous else version
+    return Promotion(promoted, champion, previous, reason)

@@ -63,3 +63,20 @@ def test_bench_fog_prints_every_figure_and_stores_each_row_once(
     assert figures["dup_rows_in_db"] == 0
     # Every second copy really reached the database and was removed there.
     assert figures["duplicates_removed"] == figures["dup_run_rows"] > 0
+
+
+def test_bench_train_prints_every_figure_and_passes_the_gates() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "edgefleet.deploy.cli", "bench", "train", "--json"],
+        capture_output=True, text=True, timeout=600,
+        env={**os.environ, "EDGEFLEET_BENCH_HOURS": "3", "EDGEFLEET_BENCH_ASSETS": "3"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads(result.stdout)
+    for key in ("f1_champion", "onnx_p99_us_batch1", "sklearn_p99_us_batch1", "train_seconds",
+                "test_windows"):
+        assert figures[key] > 0, key
+    # The registered model passed the export gates (a failed gate would have exited non-zero).
+    assert figures["parity_max_abs_diff"] <= 1e-4
+    assert figures["onnx_p99_us_batch1"] <= 500
+    assert figures["f1_per_kind"], "no anomaly kind in the test window"

@@ -3,6 +3,7 @@ fog store), the run and the model in the MLflow server (PostgreSQL backend, S3 a
 
 from __future__ import annotations
 
+import pickle
 import secrets
 import tempfile
 from pathlib import Path
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 
 from edgefleet.cloud.training.data import DEFAULT_SPEC, simulate_history
-from edgefleet.cloud.training.pipeline import run_pipeline
+from edgefleet.cloud.training.tasks import TrainingConfig, run_inline
 from edgefleet.edge_agent.inference import ModelBundle, OnnxScorer
 
 pytestmark = pytest.mark.integration
@@ -34,31 +35,32 @@ def test_pipeline_registers_a_champion_in_the_mlflow_server(
         seed=3, anomaly_rate=0.3, start_ns=START_NS,
         device=f"train-it-{secrets.token_hex(4)}",
     )
-    result = run_pipeline(
-        store_url=history.store_url, labels=history.labels_path, start_ns=history.start_ns,
-        end_ns=history.end_ns, workdir=tmp_path / "models", tracking_uri=tracking_uri,
-        model_name=model_name, hop=3, families=("random_forest", "isolation_forest"),
+    config = TrainingConfig(
+        store_url=history.store_url, labels=str(history.labels_path),
+        start_ns=history.start_ns, end_ns=history.end_ns, workdir=str(tmp_path),
+        tracking_uri=tracking_uri, model_name=model_name, hop=3,
+        families=("random_forest", "isolation_forest"),
     )
-    registration = result.registration
-    assert registration is not None and registration.promoted
-    assert registration.version == "1" and registration.reason == "no champion yet"
+    result = run_inline(config)
+    registered, promotion = result["registered"], result["promotion"]
+    assert promotion["promoted"] and promotion["reason"] == "no champion yet"
+    assert registered["version"] == "1" and promotion["champion_version"] == "1"
     # Read from PostgreSQL: every aligned second of every asset made it into a window.
-    assert result.split.train.dropped_rows == 0
-    assert len(result.split.train) + len(result.split.validation) + len(result.split.test) \
+    assert sum(result["windows"].values()) \
         == 3 * ((int(1.5 * 3600) - DEFAULT_SPEC.window) // 3 + 1)
 
     client = MlflowClient(tracking_uri=tracking_uri)
-    version = client.get_model_version(model_name, registration.version)
+    version = client.get_model_version(model_name, registered["version"])
     assert set(version.aliases) == {"champion", "challenger"}
     assert version.tags["feature_schema_hash"] == DEFAULT_SPEC.schema_hash()
     assert version.tags["data_window"] == "2021-03-01T00:00:00Z/2021-03-01T01:30:00Z"
     assert version.tags["git_sha"]
-    run = client.get_run(registration.run_id)
+    run = client.get_run(registered["run_id"])
     assert run.data.metrics["parity_max_abs_diff"] <= 1e-4
     assert "test_f1" in run.data.metrics and "onnx_p99_us_batch1" in run.data.metrics
     assert run.data.params["family"] in ("random_forest", "isolation_forest")
     artifacts = {a.path for folder in ("plots", "reference", "evaluation")
-                 for a in client.list_artifacts(registration.run_id, folder)}
+                 for a in client.list_artifacts(registered["run_id"], folder)}
     assert artifacts == {"plots/confusion_matrix.png", "plots/pr_curve.png",
                          "reference/feature_reference.json", "evaluation/evaluation.json"}
 
@@ -68,15 +70,16 @@ def test_pipeline_registers_a_champion_in_the_mlflow_server(
         path = Path(folder) / "champion.onnx"
         onnx.save(model, path)
         scorer = OnnxScorer(ModelBundle.load(path))
-    scores = scorer.score(result.split.test.X)
-    np.testing.assert_allclose(scores, result.exported.onnx_scores, atol=1e-6)
+    with open(Path(result["run_dir"]) / "split.pkl", "rb") as handle:
+        test = pickle.load(handle).test  # noqa: S301 - written by this test's run
+    with open(Path(result["run_dir"]) / "exported.pkl", "rb") as handle:
+        exported = pickle.load(handle)  # noqa: S301
+    np.testing.assert_allclose(scorer.score(test.X), exported.onnx_scores, atol=1e-6)
 
     # A second run on the same window does not beat the champion: it stays challenger.
-    again = run_pipeline(
-        store_url=history.store_url, labels=history.labels_path, start_ns=history.start_ns,
-        end_ns=history.end_ns, workdir=tmp_path / "models", tracking_uri=tracking_uri,
-        model_name=model_name, hop=3, families=("random_forest", "isolation_forest"),
-    )
-    assert again.registration is not None and not again.registration.promoted
+    again = run_inline(config)
+    assert again["registered"]["version"] == "2" and not again["promotion"]["promoted"]
+    assert again["promotion"]["champion_version"] == "1"
+    assert again["rollout"]["requested"] is False
     assert str(client.get_model_version_by_alias(model_name, "champion").version) == "1"
     assert str(client.get_model_version_by_alias(model_name, "challenger").version) == "2"
