@@ -1,7 +1,7 @@
 """The training pipeline: labelled history → features → candidates → ONNX → MLflow.
 
-Each step is a plain function (see `pipeline`) that `edgefleet train` runs inline and the
-Airflow DAGs call as tasks. Importing this package imports nothing heavy.
+Each step is a plain function (see `pipeline`); `tasks` wraps them as the Airflow DAG's
+tasks, which `edgefleet train` runs inline. Importing this package imports nothing heavy.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ Two steps, two tasks of the training DAG:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -248,6 +249,10 @@ def log_and_register(
         for key, value in tags.items():
             client.set_model_version_tag(model_name, version, key, value)
         client.set_model_version_tag(model_name, version, "run_id", run.info.run_id)
+        # What MLflow stored (onnx.save of this proto, no external data): the checksum an
+        # agent in standalone mode and the control plane's publisher check downloads with.
+        client.set_model_version_tag(model_name, version, "onnx_sha256",
+                                     hashlib.sha256(model.SerializeToString()).hexdigest())
         client.set_model_version_tag(model_name, version, "test_f1", f"{test_f1:.6f}")
         client.set_registered_model_alias(model_name, CHALLENGER, version)
         log.info("registered %s v%s as %s (test F1 %.4f)", model_name, version, CHALLENGER,

@@ -3,6 +3,7 @@ fog store), the run and the model in the MLflow server (PostgreSQL backend, S3 a
 
 from __future__ import annotations
 
+import hashlib
 import pickle
 import secrets
 import tempfile
@@ -24,6 +25,7 @@ START_NS = 1_614_556_800 * 1_000_000_000  # 2021-03-01T00:00:00Z
 def test_pipeline_registers_a_champion_in_the_mlflow_server(
     stack_env: dict[str, str], tmp_path: Path
 ) -> None:
+    import mlflow.artifacts
     import mlflow.onnx
     import onnx
     from mlflow import MlflowClient
@@ -63,6 +65,13 @@ def test_pipeline_registers_a_champion_in_the_mlflow_server(
                  for a in client.list_artifacts(registered["run_id"], folder)}
     assert artifacts == {"plots/confusion_matrix.png", "plots/pr_curve.png",
                          "reference/feature_reference.json", "evaluation/evaluation.json"}
+
+    # The recorded checksum is that of the file the server stores.
+    stored = Path(mlflow.artifacts.download_artifacts(
+        artifact_uri=client.get_model_version_download_uri(model_name, registered["version"]),
+        dst_path=str(tmp_path / "download"), tracking_uri=tracking_uri))
+    [onnx_file] = list(stored.rglob("*.onnx"))
+    assert hashlib.sha256(onnx_file.read_bytes()).hexdigest() == version.tags["onnx_sha256"]
 
     # The champion, fetched back from the server, serves in the edge agent's scorer.
     model = mlflow.onnx.load_model(f"models:/{model_name}@champion")

@@ -1,0 +1,1 @@
+"""The control plane: what the cloud tells the fleet (publishing signed model manifests)."""
