@@ -44,6 +44,16 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "run the fog gateway (ingest, MQTT bridge, sink), manage device tokens, "
         "read completeness",
     ),
+    "control": (
+        "edgefleet.cloud.control.cli",
+        "run the control plane: enrollment, signed model publishing, rollouts in waves "
+        "with health gates, fleet health",
+    ),
+    "fleet": (
+        "edgefleet.cloud.control.fleet_cli",
+        "push a model version to the fleet and follow the rollout (deploy, status, pause, "
+        "resume, abort, rollback, devices)",
+    ),
     "services": (
         "edgefleet.deploy.services_cli",
         "start, stop and inspect the local real services (PostgreSQL, Mosquitto, Kafka, S3, "

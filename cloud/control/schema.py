@@ -1,0 +1,65 @@
+"""Connecting to the control plane's database and migrating it with Alembic.
+
+URLs: `postgresql://…` (psycopg 3 is used: the driver is added when the URL names none),
+`sqlite:///abs/path.db` for the embedded default. `migrate` upgrades to the newest
+revision in `migrations/versions/` and is safe to run at every start; several control
+plane processes starting at once on PostgreSQL serialise on an advisory lock.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Final
+
+from sqlalchemy import Engine, create_engine, event, text
+
+__all__ = ["HEAD", "MIGRATIONS", "connect", "current_revision", "migrate"]
+
+MIGRATIONS: Final = Path(__file__).parent / "migrations"
+HEAD: Final = "0001"
+_LOCK_KEY: Final = 0x45464C54  # "EFLT": the advisory lock migrations hold on PostgreSQL
+
+
+def connect(url: str, **options: Any) -> Engine:
+    """An engine for `url`; SQLite gets WAL, a busy timeout and enforced foreign keys."""
+    if url.startswith(("postgresql://", "postgres://")):
+        url = "postgresql+psycopg://" + url.split("://", 1)[1]
+    if url.startswith("sqlite:"):
+        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False},
+                               **options)
+
+        @event.listens_for(engine, "connect")
+        def _pragmas(dbapi_connection: Any, _record: Any) -> None:
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.close()
+
+        return engine
+    if url.startswith("postgresql+"):
+        return create_engine(url, pool_pre_ping=True, **options)
+    raise ValueError(f"unsupported control plane database URL {url.split(':', 1)[0]!r}: use "
+                     "postgresql://… or sqlite:///…")
+
+
+def migrate(engine: Engine) -> str:
+    """Upgrade the schema to the newest revision; return it."""
+    from alembic import command
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    with engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _LOCK_KEY})
+        config.attributes["connection"] = connection
+        command.upgrade(config, "head")
+    return current_revision(engine) or ""
+
+
+def current_revision(engine: Engine) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
+    with engine.connect() as connection:
+        return MigrationContext.configure(connection).get_current_revision()
