@@ -205,6 +205,7 @@ class Agent:
         self.metrics: MetricsServer | None = None
         self.inferencer: Inferencer | None = None
         self.scorer: Any = None
+        self.updater: Any = None  # fleet.ModelUpdater when config.fleet is set
         self.model_error: str | None = None
         self.problems: list[str] = []  # reported in /healthz and heartbeats until restart
         self.applied_generation = 0
@@ -278,6 +279,44 @@ class Agent:
         log.info("model %s version %s loaded (threshold %g)", bundle.name, bundle.version,
                  bundle.threshold)
 
+    async def _start_fleet(self) -> None:
+        """The model updater of `config.fleet`: it serves the store's current model if there
+        is one (the model the fleet last gave this device wins over `model.path`), and
+        every later model the control plane sends, swapped in between two ingest cycles."""
+        from .fleet import build_updater
+        from .inference import ModelLoadError
+        from .model_manager import ModelStoreError
+
+        assert self.config.fleet is not None
+        running = self.scorer.bundle if self.scorer is not None else None
+        self.updater = build_updater(
+            self.config.fleet, state_dir=self.config.effective_state_dir, swap=self._swap_model,
+            # A model must take the windows this agent's configured model was made for.
+            features=running.features if running is not None else None)
+        try:
+            stored = await asyncio.to_thread(self.updater.store.current_bundle)
+        except (ModelStoreError, ModelLoadError) as err:
+            stored = None
+            self.problems.append(f"fleet model store: {err}")
+            log.error("fleet model store: %s; running the configured model, if any", err)
+        bundle = stored if stored is not None else running
+        if bundle is not None:
+            self._swap_model(bundle)  # wrapped so that inference also feeds shadow runs
+
+    def _swap_model(self, bundle: Any) -> None:
+        """The updater's swap: runs on the event loop, so between two ingest cycles."""
+        from .fleet import inferencer_for
+
+        assets = self.config.model.assets if self.config.model is not None else None
+        self.inferencer = inferencer_for(bundle, self.updater.observe, assets=assets,
+                                         previous=self.inferencer)
+        self.scorer = self.inferencer.scorer
+        self.model_error = None
+        if self.alerts is not None:
+            self.alerts.threshold = bundle.threshold
+        log.info("model %s version %s serving (threshold %g)", bundle.name, bundle.version,
+                 bundle.threshold)
+
     def _open(self) -> None:
         buffer = SqliteBuffer.open(self.config.buffer)
         stats = buffer.stats()
@@ -304,6 +343,8 @@ class Agent:
         if config.alerts.enabled:
             self.alerts = AlertSink(config.alerts, device=config.device)
         self._load_model()
+        if config.fleet is not None:
+            await self._start_fleet()
         if config.metrics.enabled:
             self.metrics = MetricsServer(config.metrics, self, agent_version=self.version)
             await self.metrics.start()
@@ -327,6 +368,8 @@ class Agent:
         pipeline.append(asyncio.create_task(self._heartbeat_loop(), name="heartbeat"))
         if self.alerts is not None:
             pipeline.append(asyncio.create_task(self.alerts.run(), name="alerts"))
+        if self.updater is not None:
+            pipeline.append(asyncio.create_task(self.updater.run(stop), name="fleet"))
         if self.metrics is not None:
             pipeline.append(asyncio.create_task(self.metrics.serve(), name="metrics"))
         log.info("agent %s (edgefleet %s) running: %d source(s), forwarding to %s",
@@ -382,6 +425,9 @@ class Agent:
             finally:
                 with contextlib.suppress(Exception):
                     await transport.close()
+                if self.updater is not None:
+                    with contextlib.suppress(Exception):
+                        await self.updater.client.aclose()
                 if self.metrics is not None:
                     await self.metrics.close()
                 await bx.call(self.buffer.close)
@@ -495,6 +541,8 @@ class Agent:
         sending: asyncio.Task[bool] | None = None
         while True:
             await asyncio.sleep(self.config.heartbeat.interval_s)
+            if self.updater is not None:
+                self.applied_generation = self.updater.generation or 0
             report = await builder.build()
             try:
                 await self.bx.call(self.buffer.append, self.config.device, report.samples)

@@ -60,6 +60,7 @@ from edgefleet.protocols.mqtt import parse_broker_url
 from edgefleet.protocols.source import NAME_PATTERN
 
 from .buffer import BufferConfig
+from .fleet import FleetConfig
 from .forwarder import FogConfig
 
 __all__ = [
@@ -196,6 +197,9 @@ class AgentConfig(BaseModel):
     heartbeat: HeartbeatConfig = HeartbeatConfig()
     metrics: MetricsConfig = MetricsConfig()
     alerts: AlertsConfig = AlertsConfig()
+    # The control plane's device API (edge-agent/fleet.py): models pushed to the fleet,
+    # verified, shadowed and swapped in. None: run `model` only.
+    fleet: FleetConfig | None = None
     # Where the agent keeps state other than the buffer (models it was sent, the applied
     # desired-state generation). None: the buffer file's folder.
     state_dir: Path | None = None
@@ -356,6 +360,7 @@ def _prepare(data: dict[str, Any], base: Path, environ: Mapping[str, str]) -> di
         ("model", ModelConfig),
         ("fog", FogConfig),
         ("alerts", AlertsConfig),
+        ("fleet", FleetConfig),
     ):
         if isinstance(data.get(section), dict):
             data[section] = _resolve(data[section], _path_fields(model), base)
