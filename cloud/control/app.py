@@ -50,7 +50,7 @@ from edgefleet.protocols.manifest import SAFE_NAME, is_safe_name
 from . import rollout
 from .auth import bootstrap_admin, hash_token, make_principal, new_token, principal_for
 from .db import AuditEvent, DeploymentRow, Device, EnrollmentToken, ModelVersion, Principal
-from .targets import IDENT, Target, parse_target
+from .targets import IDENT, TARGET_PATTERN, Target, parse_target
 
 __all__ = ["ControlSettings", "create_app"]
 
@@ -59,6 +59,7 @@ log = logging.getLogger(__name__)
 DEVICE_STATES: Final = ("downloading", "shadowing", "applied", "refused", "rolled_back",
                         "failed")
 MAX_ENROLL_TTL_S: Final = 30 * 24 * 3600
+MAX_INT: Final = 2**62  # integers a client sends must fit the databases' 64-bit columns
 
 
 @dataclass(frozen=True)
@@ -91,10 +92,14 @@ class _Body(BaseModel):
 
 
 Ident = Annotated[str, Field(pattern=f"^{IDENT}$")]
+# Keys are identifiers too: say so in the schema (patternProperties alone would let a
+# schema-following client send any other key with any value).
+Labels = Annotated[dict[Ident, Ident],
+                   Field(max_length=32, json_schema_extra={"additionalProperties": False})]
 
 
 class EnrollmentTokenRequest(_Body):
-    labels: dict[Ident, Ident] = Field(default_factory=dict, max_length=32)
+    labels: Labels = Field(default_factory=dict)
     groups: list[Ident] = Field(default_factory=list, max_length=32)
     ttl_s: float = Field(24 * 3600, gt=0, le=MAX_ENROLL_TTL_S)
 
@@ -110,7 +115,7 @@ class OperatorTokenRequest(_Body):
 
 
 class DeviceUpdate(_Body):
-    labels: dict[Ident, Ident] | None = Field(None, max_length=32)
+    labels: Labels | None = None
     groups: list[Ident] | None = Field(None, max_length=32)
     pinned_model: str | None = Field(None, max_length=260,
                                      description="name/version to hold the device on; '' unpins")
@@ -126,28 +131,45 @@ class PolicyBody(_Body):
     max_error_rate: float | None = Field(None, ge=0, le=1)
     max_latency_p99_us: float | None = Field(None, gt=0)
     max_anomaly_rate_shift: float | None = Field(None, ge=0, le=1)
-    min_shadow_rows: int | None = Field(None, ge=0)
+    min_shadow_rows: int | None = Field(None, ge=0, le=MAX_INT)
 
 
 class DeploymentRequest(_Body):
     model: str = Field(min_length=3, max_length=300,
                        description="NAME@ALIAS, NAME/VERSION, or NAME@ALIAS with `version`")
     version: str | None = Field(None, pattern=SAFE_NAME)
-    target: str = Field("*", max_length=512)
+    target: str = Field("*", max_length=512, pattern=TARGET_PATTERN)
     waves: list[str] | str = Field(default="1,10%,50%,100%")
     policy: PolicyBody | None = None
     requested_by: str = Field("", max_length=200)
 
 
 class ReportRequest(_Body):
-    generation: int = Field(ge=0)
+    generation: int = Field(ge=0, le=MAX_INT)
     current: str | None = Field(None, max_length=260)
     previous: str | None = Field(None, max_length=260)
     state: Literal["downloading", "shadowing", "applied", "refused", "rolled_back", "failed"]
     reason: str = Field("", max_length=2000)
     shadow: dict[str, float | int | None] | None = None
-    buffer_depth: int | None = Field(None, ge=0)
+    buffer_depth: int | None = Field(None, ge=0, le=MAX_INT)
     buffer_age_s: float | None = Field(None, ge=0)
+
+
+class ErrorBody(BaseModel):
+    detail: str | list[Any]
+
+
+# Every route may answer these; `detail` says why.
+ERROR_RESPONSES: Final[dict[int | str, dict[str, Any]]] = {
+    code: {"model": ErrorBody, "description": text} for code, text in (
+        (400, "malformed target selector, model reference or policy"),
+        (401, "missing, unknown or revoked token"),
+        (403, "the caller's role may not do this, or a device acts on another's resources"),
+        (404, "no such device, model or deployment"),
+        (409, "conflicts with the current state (an active deployment, a transition)"),
+        (422, "the request body or parameters do not validate"),
+    )
+}
 
 
 # --- the app ------------------------------------------------------------------------------
@@ -189,7 +211,8 @@ def create_app(settings: ControlSettings, engine: Engine | None = None) -> FastA
             with contextlib.suppress(asyncio.CancelledError):
                 await ticker
 
-    app = FastAPI(title="edgefleet control plane", version="1", lifespan=lifespan)
+    app = FastAPI(title="edgefleet control plane", version="1", lifespan=lifespan,
+                  responses=ERROR_RESPONSES)
     app.state.ctx = ctx
     _routes(app, ctx)
     return app
@@ -283,7 +306,8 @@ def _routes(app: FastAPI, ctx: _Context) -> None:
 
     @app.get("/v1/devices")
     def list_devices(who: Caller, db: Db,
-                     target: Annotated[str, Query(max_length=512)] = "*") -> dict[str, Any]:
+                     target: Annotated[str, Query(max_length=512, pattern=TARGET_PATTERN)] = "*"
+                     ) -> dict[str, Any]:
         require(who, "admin", "operator")
         selector = _parse_target(target)
         now = time.time()
@@ -433,7 +457,8 @@ def _routes(app: FastAPI, ctx: _Context) -> None:
 
     # --- the devices' side --------------------------------------------------------------
 
-    @app.get("/v1/device/desired")
+    @app.get("/v1/device/desired", responses={304: {"description": "unchanged since the "
+                                                     "generation in If-None-Match"}})
     def desired(who: Caller, db: Db, response: Response,
                 if_none_match: Annotated[str | None, Header()] = None) -> Any:
         device = _own_device(db, who)

@@ -20,9 +20,12 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
-__all__ = ["IDENT", "Target", "parse_target"]
+__all__ = ["IDENT", "TARGET_PATTERN", "Target", "parse_target"]
 
 IDENT: Final = r"[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}"
+# The grammar's shape, for API schemas (parse_target also refuses a label set twice, and a
+# second device= term).
+TARGET_PATTERN: Final = rf"^\s*(\*|{IDENT}={IDENT}(\s*,\s*{IDENT}={IDENT}){{0,15}})\s*$"
 _TERM: Final = re.compile(rf"^({IDENT})=({IDENT})$")
 _MAX_TERMS: Final = 16
 
