@@ -33,6 +33,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -184,6 +185,19 @@ class _Context:
     ticks: int = 0
     reports: int = 0
     desired_requests: int = 0
+    # Polls only refresh `last_seen`: kept here and written by the tick in one transaction,
+    # so that a poll (the hot path: every device, every few seconds) writes nothing.
+    seen: dict[str, float] = field(default_factory=dict)
+    seen_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def mark_seen(self, device: str, at: float) -> None:
+        with self.seen_lock:
+            self.seen[device] = at
+
+    def take_seen(self) -> dict[str, float]:
+        with self.seen_lock:
+            seen, self.seen = self.seen, {}
+        return seen
 
 
 def create_app(settings: ControlSettings, engine: Engine | None = None) -> FastAPI:
@@ -310,6 +324,7 @@ def _routes(app: FastAPI, ctx: _Context) -> None:
                      ) -> dict[str, Any]:
         require(who, "admin", "operator")
         selector = _parse_target(target)
+        _flush_seen(ctx, db)
         now = time.time()
         return {"devices": [_device_view(d, now, ctx.settings)
                             for d in _devices(db, selector, include_revoked=True)]}
@@ -463,7 +478,7 @@ def _routes(app: FastAPI, ctx: _Context) -> None:
                 if_none_match: Annotated[str | None, Header()] = None) -> Any:
         device = _own_device(db, who)
         ctx.desired_requests += 1
-        device.last_seen = time.time()
+        ctx.mark_seen(device.id, time.time())
         etag = f'"{device.generation}"'
         if if_none_match is not None and if_none_match.strip() == etag:
             return Response(status_code=304, headers={"ETag": etag})
@@ -481,7 +496,7 @@ def _routes(app: FastAPI, ctx: _Context) -> None:
         device = _own_device(db, who)
         ctx.reports += 1
         now = time.time()
-        device.last_seen = now
+        device.last_seen = device.reported_at = now
         device.current_model, device.previous_model = body.current, body.previous
         device.state, device.reason = body.state, body.reason
         device.reported_generation = body.generation
@@ -503,6 +518,7 @@ def _routes(app: FastAPI, ctx: _Context) -> None:
     @app.get("/v1/fleet/health")
     def fleet_health(who: Caller, db: Db) -> dict[str, Any]:
         require(who, "admin", "operator")
+        _flush_seen(ctx, db)
         return _health(db, ctx.settings)
 
     @app.get("/v1/audit")
@@ -515,6 +531,7 @@ def _routes(app: FastAPI, ctx: _Context) -> None:
 
     @app.get("/metrics", response_class=PlainTextResponse)
     def metrics(db: Db) -> str:
+        _flush_seen(ctx, db)
         return _metrics(db, ctx)
 
     @app.get("/", response_class=HTMLResponse)
@@ -656,12 +673,12 @@ def _reports(db: Session, plan: rollout.Deployment) -> dict[str, rollout.DeviceR
     """The devices' latest reports that answer their current desired state."""
     reports: dict[str, rollout.DeviceReport] = {}
     for device in db.scalars(select(Device).where(Device.id.in_(list(plan.previous)))):
-        if device.reported_generation != device.generation or device.last_seen is None:
+        if device.reported_generation != device.generation or device.reported_at is None:
             continue
         reports[device.id] = rollout.DeviceReport(
             device=device.id, generation=device.reported_generation,
             current=device.current_model, state=device.state, reason=device.reason,
-            shadow=device.shadow, at=device.last_seen)
+            shadow=device.shadow, at=device.reported_at)
     return reports
 
 
@@ -686,8 +703,17 @@ def tick(ctx: _Context) -> None:
     ctx.ticks += 1
     now = time.time()
     with ctx.sessions.begin() as db:
+        _flush_seen(ctx, db)
         for row in _active_deployments(db, lock=True):
             _step(db, row, rollout.Deployment.from_dict(row.plan), now)
+
+
+def _flush_seen(ctx: _Context, db: Session) -> None:
+    """Write the polls' `last_seen` times kept in memory (see `_Context.seen`)."""
+    for device_id, at in ctx.take_seen().items():
+        device = db.get(Device, device_id)
+        if device is not None and (device.last_seen or 0.0) < at:
+            device.last_seen = at
 
 
 def _audit(db: Session, who: Principal | None, action: str, target: str,

@@ -14,7 +14,8 @@ Tables
 * `devices`: labels, groups, the pinned model (if any), the desired model and its
   `generation` (bumped whenever the desired state changes: it is the ETag agents poll
   with), and what the device last reported (current/previous model, state, shadow stats,
-  buffer depth and age, last seen).
+  buffer depth and age, when it reported), and when it was last seen (polls keep that
+  in memory; the tick writes it).
 * `models`: published, signed model versions (the manifest; the artifact is on disk or
   in S3, see `publish.py`).
 * `deployments`: one rollout each; `plan` is the rollout engine's JSON state
@@ -107,6 +108,7 @@ class Device(Base):
     buffer_depth: Mapped[int | None] = mapped_column(Integer, nullable=True)
     buffer_age_s: Mapped[float | None] = mapped_column(Float, nullable=True)
     last_seen: Mapped[float | None] = mapped_column(Float, nullable=True)
+    reported_at: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 class ModelVersion(Base):

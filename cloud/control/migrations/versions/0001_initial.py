@@ -35,6 +35,7 @@ def upgrade() -> None:
         sa.Column("buffer_depth", sa.Integer(), nullable=True),
         sa.Column("buffer_age_s", sa.Float(), nullable=True),
         sa.Column("last_seen", sa.Float(), nullable=True),
+        sa.Column("reported_at", sa.Float(), nullable=True),
     )
     op.create_table(
         "principals",
