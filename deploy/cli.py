@@ -73,6 +73,7 @@ BENCHES: dict[str, str] = {
     "agent": "edgefleet.edge_agent.bench_agent:bench_agent",
     "fog": "edgefleet.fog_gateway.bench_fog:bench_fog",
     "train": "edgefleet.cloud.training.bench_train:bench_train",
+    "rollout": "edgefleet.cloud.control.bench_rollout:bench_rollout",
 }
 
 

@@ -133,6 +133,7 @@ class PolicyBody(_Body):
     max_latency_p99_us: float | None = Field(None, gt=0)
     max_anomaly_rate_shift: float | None = Field(None, ge=0, le=1)
     min_shadow_rows: int | None = Field(None, ge=0, le=MAX_INT)
+    min_success_ratio: float | None = Field(None, gt=0, le=1)
 
 
 class DeploymentRequest(_Body):
@@ -168,6 +169,7 @@ ERROR_RESPONSES: Final[dict[int | str, dict[str, Any]]] = {
         (403, "the caller's role may not do this, or a device acts on another's resources"),
         (404, "no such device, model or deployment"),
         (409, "conflicts with the current state (an active deployment, a transition)"),
+        (410, "the stored artifact is damaged or missing; publish the model again"),
         (422, "the request body or parameters do not validate"),
     )
 }
@@ -205,10 +207,10 @@ def create_app(settings: ControlSettings, engine: Engine | None = None) -> FastA
     from .publish import ensure_signing_key
     from .schema import connect, migrate
 
+    settings.state_dir.mkdir(parents=True, exist_ok=True)  # the embedded database lives here
     engine = engine or connect(settings.database_url)
     migrate(engine)
     sessions = sessionmaker(engine, expire_on_commit=False)
-    settings.state_dir.mkdir(parents=True, exist_ok=True)
     ctx = _Context(settings, engine, sessions, ensure_signing_key(settings.signing_key_path))
     with sessions.begin() as session:
         where = bootstrap_admin(session, settings.state_dir / "admin.token")
@@ -390,7 +392,11 @@ def _routes(app: FastAPI, ctx: _Context) -> None:
         try:
             published = load_published(ctx.settings.artifact_root, name, version)
         except PublishError as err:
-            raise HTTPException(500, f"the stored artifact of {ref} is damaged: {err}") from err
+            # Not a transient fault: a device retrying cannot help, so it reports the
+            # failure and the wave's gate stops the rollout.
+            log.error("the stored artifact of %s is damaged or missing: %s", ref, err)
+            raise HTTPException(410, f"the stored artifact of {ref} is damaged or missing "
+                                f"({err}); publish the model again") from err
         return Response(published.artifact_path.read_bytes(),
                         media_type="application/octet-stream",
                         headers={"X-Edgefleet-Sha256": published.manifest.sha256})

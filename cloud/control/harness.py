@@ -98,7 +98,9 @@ class ControlProcess:
     def start(self, timeout_s: float = 60.0) -> ControlProcess:
         import httpx
 
-        self.folder.mkdir(parents=True, exist_ok=True)
+        # The state folder is made here: `control run` migrates its default database,
+        # sqlite:///<state>/control.db, before it creates the folder.
+        self.state_dir.mkdir(parents=True, exist_ok=True)
         self.port = self.port or free_port()
         with self.log_path.open("ab") as log_file:
             self.process = subprocess.Popen(self.command(), stdout=log_file,
@@ -231,6 +233,7 @@ def build_nan_model(
     inits = [
         numpy_helper.from_array(mean, "mean"), numpy_helper.from_array(std, "std"),
         numpy_helper.from_array(np.array([trigger_index], dtype=np.int64), "k"),
+        numpy_helper.from_array(np.array([1], dtype=np.int64), "axis1"),
         numpy_helper.from_array(np.array([trigger_above], dtype=np.float32), "limit"),
         numpy_helper.from_array(np.array([0.0], dtype=np.float32), "zero"),
     ]
@@ -240,7 +243,7 @@ def build_nan_model(
         helper.make_node("Abs", ["z"], ["abs_z"]),
         helper.make_node("ReduceMax", ["abs_z"], ["zmax"], axes=[1], keepdims=0),
         helper.make_node("Gather", ["features", "k"], ["xk2"], axis=1),
-        helper.make_node("Squeeze", ["xk2", "k"], ["xk"]),
+        helper.make_node("Squeeze", ["xk2", "axis1"], ["xk"]),
         helper.make_node("Sub", ["limit", "xk"], ["room"]),
         helper.make_node("Sqrt", ["room"], ["root"]),  # NaN where x_k > limit
         helper.make_node("Mul", ["root", "zero"], ["poison"]),

@@ -24,6 +24,10 @@ def connect(url: str, **options: Any) -> Engine:
     """An engine for `url`; SQLite gets WAL, a busy timeout and enforced foreign keys."""
     if url.startswith(("postgresql://", "postgres://")):
         url = "postgresql+psycopg://" + url.split("://", 1)[1]
+    # Requests run on the server's thread pool (40 threads) and each holds a connection
+    # for its transaction: the pool must not be the smaller of the two, or requests wait
+    # for a connection until they time out.
+    options = {"pool_size": 20, "max_overflow": 30, "pool_timeout": 30, **options}
     if url.startswith("sqlite:"):
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False},
                                **options)

@@ -142,7 +142,7 @@ class SimulatedFleet:
         rows_per_batch: int = 8,
         observe_s: float = 0.5,
         spike_value: float = 6.0,
-        max_connections: int = 64,
+        max_connections: int = 32,
         timeout_s: float = 30.0,
         backoff_initial_s: float = 0.5,
         backoff_cap_s: float = 5.0,
@@ -200,24 +200,35 @@ class SimulatedFleet:
         async def one(http: httpx.AsyncClient, index: int) -> None:
             name = self.name_of(index)
             async with gate:
-                made = await http.post(f"{self.url}/v1/enrollment-tokens",
-                                       headers=operator_headers,
-                                       json={"labels": labels_for(index), "ttl_s": 3600})
-                if made.status_code != 201:
-                    raise RuntimeError(f"enrollment token for {name}: {made.status_code} "
-                                       f"{made.text[:200]}")
-                enrolled = await http.post(f"{self.url}/v1/enroll", json={
-                    "token": made.json()["token"], "device": name})
-                if enrolled.status_code != 201:
-                    raise RuntimeError(f"enroll {name}: {enrolled.status_code} "
-                                       f"{enrolled.text[:200]}")
-            self.add_agent(name, enrolled.json()["token"], index=index)
+                for attempt in range(3):  # a keep-alive connection the server just closed
+                    try:
+                        token = await self._enroll(http, operator_headers, name,
+                                                   labels_for(index))
+                        break
+                    except httpx.TransportError:
+                        if attempt == 2:
+                            raise
+                        await asyncio.sleep(0.5)
+            self.add_agent(name, token, index=index)
 
         limits = httpx.Limits(max_connections=concurrency,
                               max_keepalive_connections=concurrency)
         async with httpx.AsyncClient(timeout=self.timeout_s, limits=limits) as http:
             await asyncio.gather(*(one(http, i) for i in range(self.count)
                                    if self.name_of(i) not in self.agents))
+
+    async def _enroll(self, http: httpx.AsyncClient, operator_headers: dict[str, str],
+                      name: str, labels: dict[str, str]) -> str:
+        made = await http.post(f"{self.url}/v1/enrollment-tokens", headers=operator_headers,
+                               json={"labels": labels, "ttl_s": 3600})
+        if made.status_code != 201:
+            raise RuntimeError(f"enrollment token for {name}: {made.status_code} "
+                               f"{made.text[:200]}")
+        enrolled = await http.post(f"{self.url}/v1/enroll", json={
+            "token": made.json()["token"], "device": name})
+        if enrolled.status_code != 201:
+            raise RuntimeError(f"enroll {name}: {enrolled.status_code} {enrolled.text[:200]}")
+        return str(enrolled.json()["token"])
 
     def add_agent(self, name: str, token: str, *, index: int | None = None) -> SimAgent:
         """A simulated agent for a device already enrolled (its device token)."""
