@@ -183,6 +183,7 @@ class _Context:
     settings: ControlSettings
     engine: Engine
     sessions: sessionmaker[Session]
+    read_sessions: sessionmaker[Session]
     signing_key: Any
     ticks: int = 0
     reports: int = 0
@@ -205,13 +206,15 @@ class _Context:
 def create_app(settings: ControlSettings, engine: Engine | None = None) -> FastAPI:
     """The API on `settings.database_url` (migrated at start)."""
     from .publish import ensure_signing_key
-    from .schema import connect, migrate
+    from .schema import connect, migrate, reader
 
     settings.state_dir.mkdir(parents=True, exist_ok=True)  # the embedded database lives here
     engine = engine or connect(settings.database_url)
     migrate(engine)
     sessions = sessionmaker(engine, expire_on_commit=False)
-    ctx = _Context(settings, engine, sessions, ensure_signing_key(settings.signing_key_path))
+    read_sessions = sessionmaker(reader(engine), expire_on_commit=False)
+    ctx = _Context(settings, engine, sessions, read_sessions,
+                   ensure_signing_key(settings.signing_key_path))
     with sessions.begin() as session:
         where = bootstrap_admin(session, settings.state_dir / "admin.token")
         if where:
@@ -255,7 +258,17 @@ def _db(request: Request) -> Iterator[Session]:
 Db = Annotated[Session, Depends(_db, scope="function")]
 
 
-def _caller(db: Db, authorization: Annotated[str | None, Header()] = None) -> Principal:
+def _db_read(request: Request) -> Iterator[Session]:
+    """A read-only transaction (one consistent snapshot; on SQLite beside the writers)."""
+    ctx: _Context = request.app.state.ctx
+    with ctx.read_sessions.begin() as session:
+        yield session
+
+
+ReadDb = Annotated[Session, Depends(_db_read, scope="function")]
+
+
+def _caller(db: ReadDb, authorization: Annotated[str | None, Header()] = None) -> Principal:
     principal = principal_for(db, authorization)
     if principal is None:
         raise HTTPException(401, "missing or unknown bearer token",
@@ -347,6 +360,7 @@ def _routes(app: FastAPI, ctx: _Context) -> None:
             if pin is not None and device.desired_model != pin:
                 _set_desired(device, pin)
         _audit(db, who, "device.update", device_id, body.model_dump(exclude_none=True))
+        db.flush()  # the generation is bumped in SQL: read it back
         return _device_view(device, time.time(), ctx.settings)
 
     @app.post("/v1/devices/{device_id}/revoke")
@@ -369,7 +383,7 @@ def _routes(app: FastAPI, ctx: _Context) -> None:
         return {"model": f"{row.name}/{row.version}", "manifest": row.manifest}
 
     @app.get("/v1/models")
-    def list_models(who: Caller, db: Db) -> dict[str, Any]:
+    def list_models(who: Caller, db: ReadDb) -> dict[str, Any]:
         require(who, "admin", "operator")
         rows = db.scalars(select(ModelVersion).order_by(ModelVersion.published_at.desc()))
         return {"models": [{"model": f"{m.name}/{m.version}", "sha256": m.sha256,
@@ -377,7 +391,7 @@ def _routes(app: FastAPI, ctx: _Context) -> None:
                             "published_at": m.published_at} for m in rows]}
 
     @app.get("/v1/models/{name}/{version}/artifact")
-    def artifact(name: str, version: str, who: Caller, db: Db) -> Response:
+    def artifact(name: str, version: str, who: Caller, db: ReadDb) -> Response:
         if not (is_safe_name(name) and is_safe_name(version)):
             raise HTTPException(400, "model name and version must be safe names "
                                 "(letters, digits, _ . -; no path separators)")
@@ -437,7 +451,7 @@ def _routes(app: FastAPI, ctx: _Context) -> None:
         return _deployment_view(plan, selector.text())
 
     @app.get("/v1/deployments")
-    def list_deployments(who: Caller, db: Db,
+    def list_deployments(who: Caller, db: ReadDb,
                          active: bool | None = None) -> dict[str, Any]:
         require(who, "admin", "operator")
         query = select(DeploymentRow).order_by(DeploymentRow.created_at.desc()).limit(100)
@@ -447,7 +461,7 @@ def _routes(app: FastAPI, ctx: _Context) -> None:
                                 for r in db.scalars(query)]}
 
     @app.get("/v1/deployments/{deployment_id}")
-    def get_deployment(deployment_id: str, who: Caller, db: Db) -> dict[str, Any]:
+    def get_deployment(deployment_id: str, who: Caller, db: ReadDb) -> dict[str, Any]:
         require(who, "admin", "operator")
         row = _deployment(db, deployment_id)
         return _deployment_view(rollout.Deployment.from_dict(row.plan), row.target)
@@ -480,7 +494,7 @@ def _routes(app: FastAPI, ctx: _Context) -> None:
 
     @app.get("/v1/device/desired", responses={304: {"description": "unchanged since the "
                                                      "generation in If-None-Match"}})
-    def desired(who: Caller, db: Db, response: Response,
+    def desired(who: Caller, db: ReadDb, response: Response,
                 if_none_match: Annotated[str | None, Header()] = None) -> Any:
         device = _own_device(db, who)
         ctx.desired_requests += 1
@@ -528,7 +542,7 @@ def _routes(app: FastAPI, ctx: _Context) -> None:
         return _health(db, ctx.settings)
 
     @app.get("/v1/audit")
-    def audit(who: Caller, db: Db,
+    def audit(who: Caller, db: ReadDb,
               limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> dict[str, Any]:
         require(who, "admin")
         rows = db.scalars(select(AuditEvent).order_by(AuditEvent.id.desc()).limit(limit))
@@ -660,7 +674,9 @@ def _policy(base: rollout.GatePolicy, body: PolicyBody | None) -> rollout.GatePo
 
 def _set_desired(device: Device, model: str | None) -> None:
     device.desired_model = model
-    device.generation += 1
+    # In SQL, so that two transactions bumping the same device both count (PostgreSQL's
+    # read committed would let a Python-side `+= 1` lose one).
+    device.generation = Device.generation + 1
 
 
 def _apply_desired(db: Session, plan: rollout.Deployment, devices: list[str]) -> None:

@@ -13,7 +13,7 @@ from typing import Any, Final
 
 from sqlalchemy import Engine, create_engine, event, text
 
-__all__ = ["HEAD", "MIGRATIONS", "connect", "current_revision", "migrate"]
+__all__ = ["HEAD", "MIGRATIONS", "connect", "current_revision", "migrate", "reader"]
 
 MIGRATIONS: Final = Path(__file__).parent / "migrations"
 HEAD: Final = "0001"
@@ -34,17 +34,34 @@ def connect(url: str, **options: Any) -> Engine:
 
         @event.listens_for(engine, "connect")
         def _pragmas(dbapi_connection: Any, _record: Any) -> None:
+            # The driver's own transaction handling starts a transaction only at the first
+            # write, so a read-modify-write could act on rows another transaction changed
+            # meanwhile: take over, and begin every transaction explicitly (see below).
+            dbapi_connection.isolation_level = None
             cursor = dbapi_connection.cursor()
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.execute("PRAGMA synchronous=NORMAL")
             cursor.close()
 
+        @event.listens_for(engine, "begin")
+        def _begin(connection: Any) -> None:
+            # Writers take the write lock up front (serialised, never a stale snapshot);
+            # readers (`connection.execution_options(sqlite_begin="BEGIN")`) read one
+            # consistent snapshot beside them.
+            connection.exec_driver_sql(
+                connection.get_execution_options().get("sqlite_begin", "BEGIN IMMEDIATE"))
+
         return engine
     if url.startswith("postgresql+"):
         return create_engine(url, pool_pre_ping=True, **options)
     raise ValueError(f"unsupported control plane database URL {url.split(':', 1)[0]!r}: use "
                      "postgresql://… or sqlite:///…")
+
+
+def reader(engine: Engine) -> Engine:
+    """The same database for read-only transactions: on SQLite they take no write lock."""
+    return engine.execution_options(sqlite_begin="BEGIN")
 
 
 def migrate(engine: Engine) -> str:

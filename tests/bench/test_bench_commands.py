@@ -80,3 +80,19 @@ def test_bench_train_prints_every_figure_and_passes_the_gates() -> None:
     assert figures["parity_max_abs_diff"] <= 1e-4
     assert figures["onnx_p99_us_batch1"] <= 500
     assert figures["f1_per_kind"], "no anomaly kind in the test window"
+
+
+def test_bench_rollout_prints_every_figure() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "edgefleet.deploy.cli", "bench", "rollout", "--json"],
+        capture_output=True, text=True, timeout=900,
+        env={**os.environ, "EDGEFLEET_BENCH_AGENTS": "30", "EDGEFLEET_BENCH_POLL_S": "1",
+             "EDGEFLEET_BENCH_RPS_SECONDS": "2"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads(result.stdout)
+    assert figures["agents"] == 30
+    for key in ("converge_s", "desired_state_rps", "rollback_s"):
+        assert figures[key] > 0, key
+    # The rollback reached every agent that had run the bad model.
+    assert figures["rollback_agents"] > 0

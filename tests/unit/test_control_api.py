@@ -303,3 +303,27 @@ def test_the_fleet_page_is_served_without_secrets(plane: Plane) -> None:
     assert "/v1/fleet/health" in page.text and "sessionStorage" in page.text
     token = (plane.state_dir / "admin.token").read_text().strip()
     assert token not in page.text
+
+
+def test_a_pinned_device_holds_its_model_and_is_left_out_of_deployments(plane: Plane) -> None:
+    ops = plane.operator()
+    pinned = plane.enroll("gw-pinned", {"site": "p"}, ops)
+    free = plane.enroll("gw-free", {"site": "p"}, ops)
+    plane.http.post("/v1/models/publish", json={"model": f"{NAME}/1"}, headers=ops)
+    before = plane.http.get("/v1/device/desired", headers=pinned).json()["generation"]
+    view = plane.http.patch("/v1/devices/gw-pinned", json={"pinned_model": f"{NAME}/1"},
+                            headers=ops)
+    assert view.status_code == 200, view.text
+    assert view.json()["generation"] == before + 1
+    desired = plane.http.get("/v1/device/desired", headers=pinned).json()
+    assert desired["model"]["manifest"]["version"] == "1"
+    created = plane.http.post("/v1/deployments", headers=ops, json={
+        "model": f"{NAME}@champion", "target": "site=p", "waves": "100%"}).json()
+    assert created["progress"]["devices"] == 1
+    assert plane.http.get("/v1/device/desired", headers=free).json()["model"]["manifest"][
+        "version"] == "2"
+    assert plane.http.get("/v1/device/desired", headers=pinned).json()["model"]["manifest"][
+        "version"] == "1"
+    unknown = plane.http.patch("/v1/devices/gw-pinned", json={"pinned_model": f"{NAME}/9"},
+                               headers=ops)
+    assert unknown.status_code == 404
