@@ -8,7 +8,6 @@ serves, and on stop sends SIGTERM and returns the exit status. The gateway's log
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -17,10 +16,12 @@ from typing import Any
 
 import yaml
 
+from edgefleet.deploy.child import ChildProcess
+
 __all__ = ["FogProcess"]
 
 
-class FogProcess:
+class FogProcess(ChildProcess):
     def __init__(self, folder: Path, settings: dict[str, Any],
                  env: dict[str, str] | None = None) -> None:
         self.folder = folder
@@ -63,31 +64,3 @@ class FogProcess:
             time.sleep(0.05)
         self.port = int(ready.read_text())
         return self
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def stop(self, timeout_s: float = 60.0) -> int:
-        """SIGTERM, then wait; the exit status (SIGKILL after `timeout_s`: -9)."""
-        if self.process is None:
-            return 0
-        process, self.process = self.process, None
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-        try:
-            return process.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            return process.wait()
-
-    def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-        self.process = None
-
-    def __enter__(self) -> FogProcess:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()

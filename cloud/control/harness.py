@@ -24,19 +24,17 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Final
+from typing import Any
+
+from edgefleet.deploy.child import ChildProcess
 
 __all__ = ["ControlProcess", "build_nan_model", "build_registry", "free_port"]
-
-_PAGE: Final = os.sysconf("SC_PAGE_SIZE")
-_TICKS: Final = os.sysconf("SC_CLK_TCK")
 
 
 def free_port() -> int:
@@ -47,8 +45,10 @@ def free_port() -> int:
         return port
 
 
-class ControlProcess:
+class ControlProcess(ChildProcess):
     """One `edgefleet control run` child on a free loopback port (see the module doc)."""
+
+    stop_grace_s = 20.0
 
     def __init__(
         self,
@@ -120,18 +120,6 @@ class ControlProcess:
                                        f"{self.log()[-3000:]}")
                 time.sleep(0.1)
 
-    @property
-    def pid(self) -> int:
-        if self.process is None:
-            raise RuntimeError("the control plane is not started")
-        return self.process.pid
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(encoding="utf-8", errors="replace")
-        except FileNotFoundError:
-            return ""
-
     def admin_token(self) -> str:
         token = self.env.get("EDGEFLEET_CONTROL_ADMIN_TOKEN")
         if token:
@@ -161,39 +149,6 @@ class ControlProcess:
 
         key = load_signing_key(self.state_dir / "fleet-signing-key.pem")
         return public_key_text(key.public_key())
-
-    def cpu_seconds(self) -> float:
-        """User + system CPU of the child so far."""
-        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / _TICKS
-
-    def rss_bytes(self) -> int:
-        return int(Path(f"/proc/{self.pid}/statm").read_text().split()[1]) * _PAGE
-
-    def stop(self, grace_s: float = 20.0) -> int:
-        """SIGTERM, then wait up to `grace_s`; SIGKILL after that. The exit status."""
-        if self.process is None:
-            return 0
-        process, self.process = self.process, None
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-        try:
-            return process.wait(grace_s)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            return process.wait()
-
-    def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-        self.process = None
-
-    def __enter__(self) -> ControlProcess:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 # --- models -------------------------------------------------------------------------------
