@@ -26,6 +26,10 @@ Contracts
   Whatever was not sent stays in the buffer for the next start. Exit status 0.
 * A model that fails to load does not stop collection: the agent runs without inference
   and reports the problem in `/healthz`, heartbeats and the log.
+* **New models** come from one model updater at most (`fleet.ModelUpdater`): the control
+  plane's rollouts (`fleet:`) or, in standalone mode, an MLflow alias (`model_source:`,
+  edge-agent/standalone.py). Either way a new model is verified, shadowed on live windows
+  and swapped in between two ingest cycles; the previous one stays on disk.
 """
 
 from __future__ import annotations
@@ -205,7 +209,7 @@ class Agent:
         self.metrics: MetricsServer | None = None
         self.inferencer: Inferencer | None = None
         self.scorer: Any = None
-        self.updater: Any = None  # fleet.ModelUpdater when config.fleet is set
+        self.updater: Any = None  # fleet.ModelUpdater: config.fleet or config.model_source
         self.model_error: str | None = None
         self.problems: list[str] = []  # reported in /healthz and heartbeats until restart
         self.applied_generation = 0
@@ -279,26 +283,37 @@ class Agent:
         log.info("model %s version %s loaded (threshold %g)", bundle.name, bundle.version,
                  bundle.threshold)
 
-    async def _start_fleet(self) -> None:
-        """The model updater of `config.fleet`: it serves the store's current model if there
-        is one (the model the fleet last gave this device wins over `model.path`), and
-        every later model the control plane sends, swapped in between two ingest cycles."""
-        from .fleet import build_updater
+    async def _start_model_updates(self) -> None:
+        """The model updater of `config.fleet` or `config.model_source`: it serves the
+        store's current model if there is one (the model the fleet or the MLflow alias last
+        gave this device wins over `model.path`), and every later one, swapped in between
+        two ingest cycles."""
         from .inference import ModelLoadError
         from .model_manager import ModelStoreError
 
-        assert self.config.fleet is not None
         running = self.scorer.bundle if self.scorer is not None else None
-        self.updater = build_updater(
-            self.config.fleet, state_dir=self.config.effective_state_dir, swap=self._swap_model,
-            # A model must take the windows this agent's configured model was made for.
-            features=running.features if running is not None else None)
+        # A model must take the windows this agent's configured model was made for.
+        features = running.features if running is not None else None
+        state_dir = self.config.effective_state_dir
+        if self.config.fleet is not None:
+            from .fleet import build_updater
+
+            self.updater = build_updater(self.config.fleet, state_dir=state_dir,
+                                         swap=self._swap_model, features=features)
+        else:
+            from .standalone import build_follower
+
+            assert self.config.model_source is not None
+            self.updater = build_follower(self.config.model_source.mlflow,
+                                          state_dir=state_dir, swap=self._swap_model,
+                                          features=features)
+        label = self.updater.label
         try:
             stored = await asyncio.to_thread(self.updater.store.current_bundle)
         except (ModelStoreError, ModelLoadError) as err:
             stored = None
-            self.problems.append(f"fleet model store: {err}")
-            log.error("fleet model store: %s; running the configured model, if any", err)
+            self.problems.append(f"{label} model store: {err}")
+            log.error("%s model store: %s; running the configured model, if any", label, err)
         bundle = stored if stored is not None else running
         if bundle is not None:
             self._swap_model(bundle)  # wrapped so that inference also feeds shadow runs
@@ -343,8 +358,8 @@ class Agent:
         if config.alerts.enabled:
             self.alerts = AlertSink(config.alerts, device=config.device)
         self._load_model()
-        if config.fleet is not None:
-            await self._start_fleet()
+        if config.fleet is not None or config.model_source is not None:
+            await self._start_model_updates()
         if config.metrics.enabled:
             self.metrics = MetricsServer(config.metrics, self, agent_version=self.version)
             await self.metrics.start()
@@ -369,7 +384,8 @@ class Agent:
         if self.alerts is not None:
             pipeline.append(asyncio.create_task(self.alerts.run(), name="alerts"))
         if self.updater is not None:
-            pipeline.append(asyncio.create_task(self.updater.run(stop), name="fleet"))
+            pipeline.append(asyncio.create_task(self.updater.run(stop),
+                                                name=self.updater.label))
         if self.metrics is not None:
             pipeline.append(asyncio.create_task(self.metrics.serve(), name="metrics"))
         log.info("agent %s (edgefleet %s) running: %d source(s), forwarding to %s",

@@ -1,4 +1,5 @@
-"""`edgefleet agent`: run the edge agent, check its config, handle its dead letters.
+"""`edgefleet agent`: enroll the gateway, run the edge agent, check its config, handle its
+dead letters.
 
     edgefleet agent check-config FILE        validate; print a one-paragraph summary
     edgefleet agent run --config FILE        run until SIGTERM/SIGINT
@@ -6,9 +7,16 @@
     edgefleet agent dlq --config FILE show ID [--json]
     edgefleet agent dlq --config FILE export ID [-o FILE]
     edgefleet agent dlq --config FILE delete ID
+    edgefleet agent enroll --url URL --token T --device NAME [--state-dir DIR] [--cert]
+                           [--ca-file FILE] [--write-config FILE]
 
 Exit status: 0 done; 2 invalid config or usage (every problem on stderr with its field
-path); 1 a runtime failure (the buffer is held by a running agent, an unknown DLQ id).
+path); 1 a runtime failure (the buffer is held by a running agent, an unknown DLQ id, an
+enrollment refused or failed).
+
+`enroll` trades a one-time enrollment token for the device's credentials (enroll.py): it
+writes them into the state folder and prints the `fleet:` section of the agent config
+that uses them (stdout; the rest goes to stderr).
 
 `dlq` opens the buffer file itself, read-write, so it refuses to run while an agent holds
 the buffer (one process owns a buffer file at a time, by an exclusive lock): stop the
@@ -33,6 +41,9 @@ if TYPE_CHECKING:
     from .config import AgentConfig
 
 __all__ = ["add_arguments", "describe_config", "run"]
+
+DEFAULT_STATE_DIR = "/var/lib/edgefleet"
+FROM_STDIN = "-"  # `--token -`: read the token from stdin (not in `ps` or shell history)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -70,6 +81,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     delete = dlq_actions.add_parser("delete", help="delete a batch (after handling it)")
     delete.add_argument("id", type=int)
 
+    enroll = actions.add_parser(
+        "enroll", help="trade a one-time enrollment token for the device's credentials",
+        description="POST the token to the control plane's /v1/enroll; write the device "
+        "token, the fleet's public key (and with --cert a key made here, its certificate and "
+        "the device CA) into the state folder; print the agent config's `fleet:` section. "
+        "Exit 0 enrolled, 1 refused or failed (the reason on stderr), 2 bad arguments.",
+    )
+    enroll.add_argument("--url", required=True, help="the control plane, http(s)://host:port")
+    enroll.add_argument("--token", required=True,
+                        help="the one-time enrollment token ('-': read it from stdin)")
+    enroll.add_argument("--device", required=True, help="this gateway's device name")
+    enroll.add_argument("--state-dir", type=Path, default=Path(DEFAULT_STATE_DIR),
+                        help="where the credentials go (default %(default)s)")
+    enroll.add_argument("--cert", action="store_true",
+                        help="also get a client certificate: a new EC P-256 key is made "
+                        "here (device.key, 0600) and only its CSR is sent")
+    enroll.add_argument("--ca-file", type=Path,
+                        help="the CA of the control plane's TLS certificate (https only)")
+    enroll.add_argument("--write-config", type=Path, metavar="FILE",
+                        help="write the fleet: section to FILE (a new file, to merge into "
+                        "the agent config) instead of stdout")
+
 
 def run(args: argparse.Namespace) -> int:
     action = args.agent_action
@@ -81,6 +114,8 @@ def run(args: argparse.Namespace) -> int:
         return _run_agent(_load(args.config))
     if action == "dlq":
         return _dlq(_load(args.config), args)
+    if action == "enroll":
+        return _enroll(args)
     raise AssertionError(action)  # argparse allows only the actions above
 
 
@@ -192,6 +227,52 @@ def _run_agent(config: AgentConfig) -> int:
         ) from None
     except BufferOpenError as err:
         raise CliError(str(err), 1) from None
+
+
+# ---- enroll ------------------------------------------------------------------------------
+
+
+def _enroll(args: argparse.Namespace) -> int:
+    import yaml
+
+    from edgefleet.deploy.cli import CliError
+
+    from .enroll import EnrollError, enroll
+
+    token = sys.stdin.readline().strip() if args.token == FROM_STDIN else args.token
+    target: Path | None = args.write_config
+    if target is not None:  # checked before the token is spent
+        if target.exists():
+            raise CliError(f"--write-config: {target} exists; choose a new file", 2)
+        if not target.parent.is_dir():
+            raise CliError(f"--write-config: no folder {target.parent}", 2)
+    try:
+        result = enroll(args.url, token, args.device, args.state_dir, cert=args.cert,
+                        ca_file=args.ca_file)
+    except EnrollError as err:
+        raise CliError(str(err), err.exit_code) from None
+    say = sys.stderr
+    print(f"enrolled {result.device} at {result.url}", file=say)
+    print(f"  device token:     {result.token_file} (0600)", file=say)
+    print(f"  fleet public key: {result.public_key_file} (key id {result.key_id}; trusted "
+          "on first use: compare it with the control plane's log, or pin the key)", file=say)
+    if result.cert_file is not None:
+        print(f"  certificate:      {result.cert_file} (serial {result.cert_serial}, until "
+              f"{result.cert_not_after}); key {result.key_file} (0600); CA {result.ca_file}",
+              file=say)
+    section = yaml.safe_dump({"fleet": result.fleet_section()}, sort_keys=False)
+    if target is None:
+        sys.stdout.write(section)
+        return 0
+    try:
+        with target.open("x", encoding="utf-8") as handle:
+            handle.write(section)
+    except OSError as err:  # enrolled all the same: show the section rather than lose it
+        sys.stdout.write(section)
+        raise CliError(f"--write-config: cannot write {target}: {err.strerror or err} (the "
+                       "device is enrolled; the fleet: section is on stdout)", 1) from None
+    print(f"wrote the fleet: section to {target}", file=say)
+    return 0
 
 
 # ---- dlq ---------------------------------------------------------------------------------

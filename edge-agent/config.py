@@ -10,6 +10,8 @@ sources:                           # protocols.config.load_sources: one or more
               data_type: float32}]
 buffer: {path: buffer.db, max_bytes: 1073741824, when_full: block}
 fog: {url: "http://127.0.0.1:8080/v1/ingest"}   # token: $EDGEFLEET_FOG_TOKEN
+# optional, one of: fleet: {...} (the control plane pushes models) or
+# model_source: {mlflow: {tracking_uri: "https://mlflow:5000", model: "models:/NAME@champion"}}
 ```
 
 docs/agent.md is the full reference; deploy/agent.example.yaml a complete, valid example.
@@ -25,8 +27,12 @@ Contracts
   points[2] (pump-01.flow): address: …`). YAML syntax errors name the line and column;
   a missing, unreadable or empty file is one problem naming the file.
 * Relative file paths (the buffer file, the model, `state_dir`, and every path-typed
-  setting of the fog, alerts and source sections) are resolved against the folder holding
-  the config file, so an agent reads the same files whatever its working directory.
+  setting of the fog, alerts, fleet, model_source and source sections) are resolved
+  against the folder holding the config file, so an agent reads the same files whatever
+  its working directory.
+* Where models come from: `model` alone (a fixed file), `fleet` (the control plane's
+  rollouts, signed) or `model_source` (standalone: an MLflow alias, checksum-verified);
+  `fleet` and `model_source` exclude each other.
 * Secrets: the fog token may be left out of the file and given in the environment as
   `EDGEFLEET_FOG_TOKEN` (used only when the file sets neither `fog.token` nor
   `fog.token_file`). There are no default tokens or passwords.
@@ -62,6 +68,7 @@ from edgefleet.protocols.source import NAME_PATTERN
 from .buffer import BufferConfig
 from .fleet import FleetConfig
 from .forwarder import FogConfig
+from .standalone import MlflowSourceConfig, ModelSourceConfig
 
 __all__ = [
     "FOG_TOKEN_ENV",
@@ -200,6 +207,9 @@ class AgentConfig(BaseModel):
     # The control plane's device API (edge-agent/fleet.py): models pushed to the fleet,
     # verified, shadowed and swapped in. None: run `model` only.
     fleet: FleetConfig | None = None
+    # Standalone mode (edge-agent/standalone.py): follow models:/NAME@ALIAS on an MLflow
+    # tracking server, checksum-verified, shadowed and swapped in. Excludes `fleet`.
+    model_source: ModelSourceConfig | None = None
     # Where the agent keeps state other than the buffer (models it was sent, the applied
     # desired-state generation). None: the buffer file's folder.
     state_dir: Path | None = None
@@ -223,6 +233,14 @@ class AgentConfig(BaseModel):
         except SourceConfigError as err:
             # A custom error type, so the loader can split it back into one problem each.
             raise PydanticCustomError("source_config", "{detail}", {"detail": str(err)}) from None
+
+    @model_validator(mode="after")
+    def _one_model_source(self) -> AgentConfig:
+        if self.fleet is not None and self.model_source is not None:
+            # One line: the loader splits a validator's message on "; ".
+            raise ValueError("model_source: set together with fleet (an agent gets its models "
+                             "from the control plane or from MLflow by itself: choose one)")
+        return self
 
     @property
     def effective_state_dir(self) -> Path:
@@ -364,6 +382,10 @@ def _prepare(data: dict[str, Any], base: Path, environ: Mapping[str, str]) -> di
     ):
         if isinstance(data.get(section), dict):
             data[section] = _resolve(data[section], _path_fields(model), base)
+    source = data.get("model_source")
+    if isinstance(source, dict) and isinstance(source.get("mlflow"), dict):
+        data["model_source"] = {**source, "mlflow": _resolve(
+            source["mlflow"], _path_fields(MlflowSourceConfig), base)}
     if "state_dir" in data:
         data["state_dir"] = _resolve_one(data["state_dir"], base)
     sources = data.get("sources")

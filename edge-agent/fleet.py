@@ -59,6 +59,16 @@ Contracts
 * **Tokens stay home.** The bearer token is sent to the control plane's origin only; an
   absolute `artifact_url` on another origin (a presigned object-store URL) is fetched
   without it. The artifact's integrity comes from the signed manifest, not the transport.
+* **Pluggable source, fixed trust.** The updater reads desired states, artifacts and
+  reports through a `ModelSource`: `FleetClient` here, `standalone.MlflowModelSource` for
+  an agent following an MLflow alias without a control plane (edge-agent/standalone.py).
+  What makes a model installable is the updater's `trust`, set by whoever builds it, never
+  by what a source sends: "signature" (the default, the fleet's) installs through
+  `ModelStore.install` (Ed25519 signature, hash, schema, probe); "checksum" through
+  `ModelStore.install_checksummed` (an unsigned manifest the source built from a checksum
+  it fetched). A source may refuse a generation itself before any download or install
+  (`CandidateRefused`: e.g. an MLflow version without its recorded checksum); the
+  updater settles it as "refused" like a refusal of the store.
 * **Cheap to import**: httpx, onnxruntime (through the model manager) and cryptography are
   imported when first used, so `config.py` can import `FleetConfig` without slowing the
   CLI.
@@ -78,7 +88,7 @@ import re
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Final, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Final, Literal, Protocol
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -116,6 +126,7 @@ __all__ = [
     "DEFAULT_MAX_ARTIFACT_BYTES",
     "REPORT_STATES",
     "ArtifactTooLarge",
+    "CandidateRefused",
     "DesiredModel",
     "DesiredState",
     "FleetAuthError",
@@ -124,6 +135,7 @@ __all__ = [
     "FleetError",
     "FleetProtocolError",
     "FleetUnavailable",
+    "ModelSource",
     "ModelUpdater",
     "Report",
     "ShadowStats",
@@ -141,6 +153,7 @@ MAX_SHADOW_S: Final = 7 * 86_400.0
 MAX_REASON: Final = 2000  # characters of a report's reason (the control plane's limit)
 POLL_JITTER: Final = 0.1  # a poll interval is drawn from ±10 % of the interval
 USER_AGENT: Final = "edgefleet-agent"
+Trust = Literal["signature", "checksum"]  # how a ModelUpdater's installs are verified
 ReportState = Literal["downloading", "shadowing", "applied", "refused", "rolled_back", "failed"]
 REPORT_STATES: Final = ("downloading", "shadowing", "applied", "refused", "rolled_back",
                         "failed")
@@ -194,6 +207,21 @@ class FleetProtocolError(FleetError):
 class ArtifactTooLarge(FleetProtocolError):
     """An artifact bigger than the cap (`max_artifact_bytes`, or the manifest's size);
     the download was aborted."""
+
+
+class CandidateRefused(FleetError):
+    """A source resolved `generation` to a model this agent must not install, before the
+    store saw it (standalone mode: an MLflow version without a recorded checksum, bytes
+    that do not match it, an artifact over the cap). The updater settles the generation
+    as "refused" (`refusals`) and keeps the current model. `reason` is a short code
+    ("unverifiable", "hash_mismatch", "too_large", …); the message says which model and
+    why."""
+
+    def __init__(self, generation: int, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.generation = generation
+        self.reason = reason
+        self.message = message
 
 
 # ---- wire shapes ----------------------------------------------------------------------------
@@ -329,6 +357,33 @@ def _check_base_url(url: str) -> str | None:
     return None
 
 
+# ---- sources ------------------------------------------------------------------------------
+
+
+class ModelSource(Protocol):
+    """Where a `ModelUpdater` learns which model to run, fetches its bytes and tells how it
+    went (see the module contracts). `desired(etag)` returns None while generation `etag`
+    is still the latest; it raises `CandidateRefused` for a generation the source already
+    knows must not be installed, and a `FleetError` for any failed exchange. `url` is where
+    the source is (for the log), `max_artifact_bytes` caps every download."""
+
+    @property
+    def url(self) -> str: ...
+
+    @property
+    def max_artifact_bytes(self) -> int: ...
+
+    def describe(self) -> str: ...
+
+    async def desired(self, etag: int | None) -> DesiredState | None: ...
+
+    async def download(self, artifact_url: str, *, max_bytes: int | None = None) -> bytes: ...
+
+    async def report(self, report: Report) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
 # ---- the client ---------------------------------------------------------------------------
 
 
@@ -359,6 +414,9 @@ class FleetClient:
     async def aclose(self) -> None:
         """Close the httpx client (only when this client owns it)."""
         await self.http.aclose()
+
+    def describe(self) -> str:
+        return f"the desired state at {self.url}"
 
     def artifact_address(self, artifact_url: str) -> tuple[str, bool]:
         """The absolute URL of an artifact and whether it is on the control plane's origin
@@ -525,17 +583,21 @@ class _Stopped(Exception):
 
 
 class ModelUpdater:
-    """Follows the control plane's desired state (see the module's contracts).
+    """Follows a source's desired state: the control plane's, or an MLflow alias in
+    standalone mode (see the module's contracts).
 
     `swap(bundle)` replaces the model the device serves; it is called on the event loop.
     `poll_min_s`/`poll_max_s` clamp the server's suggested interval (`poll_max_s` is also
     the slow retry after an auth error); `backoff_*` shape the retries after failures.
+    `trust` chooses the store's install ("signature": `install`, the fleet's;
+    "checksum": `install_checksummed`, for a source that builds unsigned manifests);
+    `label` prefixes the log lines.
     """
 
     def __init__(
         self,
         store: ModelStore,
-        client: FleetClient,
+        client: ModelSource,
         swap: Callable[[ModelBundle], None],
         *,
         poll_min_s: float = 10.0,
@@ -543,12 +605,18 @@ class ModelUpdater:
         backoff_initial_s: float = 1.0,
         backoff_cap_s: float = 60.0,
         rng: random.Random | None = None,
+        trust: Trust = "signature",
+        label: str = "fleet",
     ) -> None:
         if not 0 < poll_min_s <= poll_max_s:
             raise ValueError("poll intervals need 0 < poll_min_s <= poll_max_s")
+        if trust not in ("signature", "checksum"):
+            raise ValueError(f"trust must be 'signature' or 'checksum', not {trust!r}")
         self.store = store
         self.client = client
         self.swap = swap
+        self.trust = trust
+        self.label = label
         self.poll_min_s = poll_min_s
         self.poll_max_s = poll_max_s
         self._rng = rng or random.Random()
@@ -581,11 +649,11 @@ class ModelUpdater:
         try:
             run.feed(features)
         except Exception as err:  # noqa: BLE001 - the agent's cycle must not break here
-            log.debug("fleet: shadow feed: %s", err)
+            log.debug("%s: shadow feed: %s", self.label, err)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Poll and follow the desired state until `stop` is set."""
-        log.info("fleet: following the desired state at %s", self.client.url)
+        log.info("%s: following %s", self.label, self.client.describe())
         while not stop.is_set():
             delay = await self.poll_once(stop)
             if await _wait(stop, delay):
@@ -602,12 +670,15 @@ class ModelUpdater:
                 desired = await self._follow(desired, stop)
         except _Stopped:
             return 0.0
+        except CandidateRefused as err:  # the source's own refusal: settled like the store's
+            self.counters["refusals"] += 1
+            await self._settle(err.generation, "refused", f"{err.reason}: {err.message}")
         except FleetAuthError as err:
             self._count_error(err)
             self.counters["auth_errors"] += 1
             if self._failing != "auth":
-                log.error("fleet: %s; keeping the current model, retrying every %.3g s "
-                          "(check the device token)", err, self.poll_max_s)
+                log.error("%s: %s; keeping the current model, retrying every %.3g s "
+                          "(check the token)", self.label, err, self.poll_max_s)
             self._failing = "auth"
             return self._jitter(self.poll_max_s)
         except FleetError as err:
@@ -615,8 +686,8 @@ class ModelUpdater:
             kind = "unavailable" if isinstance(err, FleetUnavailable) else "protocol"
             if self._failing != kind:
                 level = logging.WARNING if kind == "unavailable" else logging.ERROR
-                log.log(level, "fleet: %s; keeping the current model, retrying with backoff",
-                        err)
+                log.log(level, "%s: %s; keeping the current model, retrying with backoff",
+                        self.label, err)
             self._failing = kind
             delay = self._backoff.next_delay()
             if isinstance(err, FleetUnavailable) and err.retry_after is not None:
@@ -624,11 +695,11 @@ class ModelUpdater:
             return delay
         except Exception as err:  # the updater must outlive any one fault (logged, counted)
             self._count_error(err)
-            log.exception("fleet: unexpected fault; keeping the current model")
+            log.exception("%s: unexpected fault; keeping the current model", self.label)
             self._failing = "fault"
             return self._backoff.next_delay()
         if self._failing is not None:
-            log.info("fleet: control plane reachable again")
+            log.info("%s: %s reachable again", self.label, self.client.url)
             self._failing = None
         self._backoff.reset()
         return self._jitter(self.poll_s)
@@ -674,7 +745,7 @@ class ModelUpdater:
                       shadow: ShadowStats | None = None) -> None:
         self.generation = generation
         level = logging.WARNING if state in ("refused", "failed") else logging.INFO
-        log.log(level, "fleet: generation %d %s: %s", generation, state, reason)
+        log.log(level, "%s: generation %d %s: %s", self.label, generation, state, reason)
         await self._report(generation, state, reason, shadow)
 
     async def _flush_report(self) -> None:
@@ -685,15 +756,15 @@ class ModelUpdater:
             await self.client.report(report)
         except FleetProtocolError as err:  # refused as such (422, …): sending again is futile
             self.counters["reports_failed"] += 1
-            log.error("fleet: report %s (generation %d) refused, dropped: %s", report.state,
-                      report.generation, err)
+            log.error("%s: report %s (generation %d) refused, dropped: %s", self.label,
+                      report.state, report.generation, err)
             if self._pending is report:
                 self._pending = None
             return
         except FleetError as err:  # unreachable, or the token: kept for the next poll
             self.counters["reports_failed"] += 1
-            log.debug("fleet: report %s (generation %d) not sent: %s", report.state,
-                      report.generation, err)
+            log.debug("%s: report %s (generation %d) not sent: %s", self.label,
+                      report.state, report.generation, err)
             return
         self.counters["reports_sent"] += 1
         if self._pending is report:
@@ -719,6 +790,11 @@ class ModelUpdater:
         return data if len(data) == manifest.size and sha256_hex(data) == manifest.sha256 \
             else None
 
+    def _install(self, manifest: ModelManifest, data: bytes) -> ModelBundle:
+        if self.trust == "checksum":
+            return self.store.install_checksummed(manifest, data)
+        return self.store.install(manifest, data)
+
     def _swap(self, bundle: ModelBundle) -> None:
         self.swap(bundle)
         self.counters["swaps"] += 1
@@ -730,7 +806,7 @@ class ModelUpdater:
         try:
             await asyncio.to_thread(self.store.rollback)
         except ModelStoreError as err:
-            log.error("fleet: %s, and the store could not be put back (%s)", why, err)
+            log.error("%s: %s, and the store could not be put back (%s)", self.label, why, err)
 
     # ---- following one desired state ----------------------------------------------------
 
@@ -738,8 +814,8 @@ class ModelUpdater:
         """Act on `desired`; return a newer desired state that arrived meanwhile, if any."""
         try:
             return await self._follow_one(desired, stop)
-        except (FleetAuthError, FleetUnavailable, _Stopped):
-            raise  # not settled, nothing to tell (the control plane is out of reach)
+        except (FleetAuthError, FleetUnavailable, CandidateRefused, _Stopped):
+            raise  # the control plane is out of reach, or poll_once settles the refusal
         except Exception as err:
             # An off-contract answer (a 404 artifact) or a local fault (disk): not settled,
             # so retried after a backoff; the control plane hears why meanwhile.
@@ -773,8 +849,8 @@ class ModelUpdater:
             try:
                 await asyncio.to_thread(self.store.rollback)
             except ModelStoreError as err:
-                log.warning("fleet: offline rollback to %s impossible (%s); installing it "
-                            "again", ref, err)
+                log.warning("%s: offline rollback to %s impossible (%s); installing it "
+                            "again", self.label, ref, err)
             else:
                 self.counters["rollbacks"] += 1
                 try:
@@ -816,7 +892,7 @@ class ModelUpdater:
                 return None
             self.counters["downloads"] += 1
         try:
-            bundle = await asyncio.to_thread(self.store.install, manifest, data)
+            bundle = await asyncio.to_thread(self._install, manifest, data)
         except ModelRefused as err:
             self.counters["refusals"] += 1
             await self._settle(generation, "refused", f"{err.reason}: {err.message}")
@@ -861,8 +937,8 @@ class ModelUpdater:
             try:
                 current_bundle = self.store.current_bundle()
             except (ModelStoreError, ModelLoadError) as err:
-                log.warning("fleet: the current model cannot be loaded for the shadow "
-                            "comparison (%s); shadowing the candidate alone", err)
+                log.warning("%s: the current model cannot be loaded for the shadow "
+                            "comparison (%s); shadowing the candidate alone", self.label, err)
                 current_bundle = None
             current = OnnxScorer(current_bundle) if current_bundle is not None else None
             return ShadowRun(current, candidate)
@@ -887,14 +963,15 @@ class ModelUpdater:
                     break
                 try:
                     newer = await self._poll(generation)
-                except FleetAuthError:
-                    raise
+                except (FleetAuthError, CandidateRefused):
+                    raise  # a newer generation the source refused: this shadow is moot
                 except FleetError as err:  # offline mid-shadow: the shadow goes on
                     self._count_error(err)
                     continue
                 if newer is not None and newer.generation != generation:
-                    log.info("fleet: generation %d arrived while shadowing %s (generation "
-                             "%d): shadow abandoned", newer.generation, ref, generation)
+                    log.info("%s: generation %d arrived while shadowing %s (generation "
+                             "%d): shadow abandoned", self.label, newer.generation, ref,
+                             generation)
                     return newer
                 await self._report(generation, "shadowing", f"shadowing {ref}",
                                    ShadowStats.of(run.report()))

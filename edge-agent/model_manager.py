@@ -4,6 +4,7 @@ shadow runs of a candidate model on live windows.
 ```
 manifest + bytes ─► ModelStore.install ─► verify signature, hash, schema ─► stage on disk
                     ─► ModelBundle.load ─► NaN probe ─► rename into place ─► ModelBundle
+unsigned manifest + bytes ─► ModelStore.install_checksummed ─► (no signature) hash, schema …
 candidate ─► ShadowRun.feed (every cycle, beside the current model) ─► ShadowReport.passes
           ─► ModelStore.activate (atomic)            … later: ModelStore.rollback (offline)
 ```
@@ -22,6 +23,13 @@ Contracts
   finite. The checks run on a staging folder; only a model that passed them all is
   renamed to `root/<name>/<version>`. A refusal leaves no folder behind and never touches
   `active.json`: the agent keeps running the model it had.
+* **Checksum-only installs are a separate, explicit call.** `install_checksummed` is for
+  a manifest the agent built itself from a checksum it trusts (standalone mode: the
+  `onnx_sha256` a model registry recorded, fetched from the tracking server the user
+  configured; edge-agent/standalone.py). It takes only unsigned manifests and runs every
+  check of `install` but the signature; `install` itself is unchanged, so the fleet's
+  signed path never accepts an unsigned model. A store may have no public keys at all:
+  its `install` then refuses every model (`bad_signature`).
 * **Atomic state.** `active.json` is replaced with temp file + fsync + `os.replace` +
   directory fsync; a reader sees the old or the new state, never a mix.
 * **Offline rollback.** `previous` is kept on disk (pruning never deletes `current` or
@@ -151,7 +159,8 @@ def _split_ref(ref: object, where: str) -> tuple[str, str]:
 class ModelStore:
     """Installed model versions under `root` and which one is active (module contracts).
 
-    `public_keys` are the fleet's verification keys (several during a rotation);
+    `public_keys` are the fleet's verification keys (several during a rotation; none for
+    a standalone agent's store, which installs through `install_checksummed` only);
     `features`, when given, is the fleet's feature spec every model must be trained for.
     """
 
@@ -165,8 +174,6 @@ class ModelStore:
     ) -> None:
         if keep < 2:
             raise ValueError("keep must be at least 2 (the current and the previous model)")
-        if not public_keys:
-            raise ValueError("a model store needs at least one fleet public key")
         self.root = Path(root)
         self.public_keys = tuple(public_keys)
         self.features = features
@@ -271,6 +278,22 @@ class ModelStore:
             verify_manifest(manifest, self.public_keys)
         except ManifestError as err:
             raise ModelRefused("bad_signature", f"{err}; refused") from err
+        return self._install_verified(manifest, data)
+
+    def install_checksummed(self, manifest: ModelManifest, data: bytes) -> ModelBundle:
+        """Install a model vouched for by its checksum alone: `manifest` is unsigned, built
+        by the agent from a sha256 it trusts (see the module contracts). Every check of
+        `install` but the signature runs: size and sha256 of `data`, the feature schema,
+        `ModelBundle.load`, the probe batch. Raises ValueError for a signed manifest
+        (that one goes through `install`), otherwise as `install`."""
+        if manifest.signature or manifest.key_id:
+            raise ValueError(f"model {manifest.ref}: a signed manifest is installed with "
+                             "install(), which checks its signature")
+        return self._install_verified(manifest, data)
+
+    def _install_verified(self, manifest: ModelManifest, data: bytes) -> ModelBundle:
+        """The checks and the install after the manifest itself is trusted."""
+        ref = manifest.ref
         try:
             verify_artifact(manifest, data)
         except ManifestError as err:

@@ -20,9 +20,13 @@ Contracts
   transition the deployment's state does not allow (409).
 * **Desired state.** Each device has a `generation`, bumped whenever what it should run
   changes; `GET /v1/device/desired` answers `304` to `If-None-Match: "<generation>"`.
-* **Engine steps** run on every report of a device in an active deployment and on a
-  timer (`tick`, every `tick_s`), in one transaction each; the deployment's JSON plan and
-  the devices' desired state change together.
+* **Engine steps.** A report only records the device's state. The engine steps every
+  active deployment in one transaction (`tick`): within `step_s` of a report, and every
+  `tick_s` regardless (timeouts, bake times); the deployment's JSON plan and the devices'
+  desired state change together. A step reads every device of the deployment, so it is
+  run a few times a second over all reports received, never once per report.
+* **Hot path.** Tokens and desired-state answers are served from memory (`hot.py`),
+  dropped when a commit changes them; a `304` poll reads no database.
 * **Audit.** Every change (token, enrollment, publication, deployment and its
   transitions, revocation) writes an `audit_events` row naming the actor.
 """
@@ -31,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import secrets
 import threading
@@ -38,19 +43,25 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Final, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Final, Literal, cast
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, Table, bindparam, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from edgefleet.protocols.manifest import SAFE_NAME, is_safe_name
 
 from . import rollout
-from .auth import bootstrap_admin, hash_token, make_principal, new_token, principal_for
+from .auth import bearer_key, bootstrap_admin, hash_token, make_principal, new_token
 from .db import AuditEvent, DeploymentRow, Device, EnrollmentToken, ModelVersion, Principal
+from .hot import DesiredAnswer, HotCache, Identity
+from .schema import lock_fleet
+
+if TYPE_CHECKING:
+    from .artifacts import S3Artifacts
 from .targets import IDENT, TARGET_PATTERN, Target, parse_target
 
 __all__ = ["ControlSettings", "create_app"]
@@ -71,10 +82,14 @@ class ControlSettings:
     state_dir: Path
     tracking_uri: str | None = None
     tick_s: float = 1.0
+    step_s: float = 0.2
     poll_s: float = 5.0
     shadow_s: float = 30.0
     offline_after_s: float = 60.0
     policy: rollout.GatePolicy = field(default_factory=rollout.GatePolicy)
+    # Artifacts also in S3, served to devices as pre-signed URLs (artifacts.py).
+    artifacts_s3: str | None = None
+    artifact_url_ttl_s: float = 3600.0
 
     @property
     def artifact_root(self) -> Path:
@@ -108,6 +123,9 @@ class EnrollmentTokenRequest(_Body):
 class EnrollRequest(_Body):
     token: str = Field(min_length=16, max_length=128)
     device: str = Field(pattern=SAFE_NAME)
+    csr: str | None = Field(None, max_length=8192,
+                            description="PEM CSR with CN=device: answered with a client "
+                            "certificate from the control plane's device CA (certs.py)")
 
 
 class OperatorTokenRequest(_Body):
@@ -185,9 +203,14 @@ class _Context:
     sessions: sessionmaker[Session]
     read_sessions: sessionmaker[Session]
     signing_key: Any
+    hot: HotCache = field(default_factory=HotCache)
+    artifacts: S3Artifacts | None = None
+    # Set by a report, cleared by the engine loop when it steps (module doc).
+    reported: bool = False
     ticks: int = 0
     reports: int = 0
     desired_requests: int = 0
+    artifact_downloads: int = 0
     # Polls only refresh `last_seen`: kept here and written by the tick in one transaction,
     # so that a poll (the hot path: every device, every few seconds) writes nothing.
     seen: dict[str, float] = field(default_factory=dict)
@@ -215,6 +238,12 @@ def create_app(settings: ControlSettings, engine: Engine | None = None) -> FastA
     read_sessions = sessionmaker(reader(engine), expire_on_commit=False)
     ctx = _Context(settings, engine, sessions, read_sessions,
                    ensure_signing_key(settings.signing_key_path))
+    ctx.hot.watch(sessions)
+    from .certs import ensure_device_ca
+
+    ensure_device_ca(settings.state_dir)  # made at first start, like the signing key
+    if settings.artifacts_s3 is not None:
+        ctx.artifacts = _connect_artifacts(settings, sessions)
     with sessions.begin() as session:
         where = bootstrap_admin(session, settings.state_dir / "admin.token")
         if where:
@@ -222,7 +251,7 @@ def create_app(settings: ControlSettings, engine: Engine | None = None) -> FastA
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        ticker = asyncio.create_task(_tick_loop(ctx))
+        ticker = asyncio.create_task(_engine_loop(ctx))
         try:
             yield
         finally:
@@ -237,9 +266,16 @@ def create_app(settings: ControlSettings, engine: Engine | None = None) -> FastA
     return app
 
 
-async def _tick_loop(ctx: _Context) -> None:
+async def _engine_loop(ctx: _Context) -> None:
+    """Step the deployments within `step_s` of a report, and every `tick_s` anyway."""
+    loop = asyncio.get_running_loop()
+    last = loop.time()
+    every = min(ctx.settings.step_s, ctx.settings.tick_s)
     while True:
-        await asyncio.sleep(ctx.settings.tick_s)
+        await asyncio.sleep(every)
+        if not ctx.reported and loop.time() - last < ctx.settings.tick_s:
+            continue
+        last = loop.time()
         try:
             await asyncio.to_thread(tick, ctx)
         except Exception:  # a bad tick must not stop the next one; it is logged
@@ -268,19 +304,34 @@ def _db_read(request: Request) -> Iterator[Session]:
 ReadDb = Annotated[Session, Depends(_db_read, scope="function")]
 
 
-def _caller(db: ReadDb, authorization: Annotated[str | None, Header()] = None) -> Principal:
-    principal = principal_for(db, authorization)
-    if principal is None:
+async def _caller(request: Request,
+                  authorization: Annotated[str | None, Header()] = None) -> Identity:
+    ctx: _Context = request.app.state.ctx
+    key = bearer_key(authorization)
+    found = None if key is None else (
+        ctx.hot.identity(key) or await run_in_threadpool(_load_identity, ctx, key))
+    if found is None:
         raise HTTPException(401, "missing or unknown bearer token",
                             headers={"WWW-Authenticate": "Bearer"})
-    return principal
+    return found
 
 
-Caller = Annotated[Principal, Depends(_caller)]
+def _load_identity(ctx: _Context, key: str) -> Identity | None:
+    epoch = ctx.hot.epoch()
+    with ctx.read_sessions.begin() as db:
+        principal = db.scalar(select(Principal).where(Principal.token_sha256 == key))
+        if principal is None or principal.revoked_at is not None:
+            return None
+        found = Identity.of(principal)
+    ctx.hot.put_identity(key, found, epoch)
+    return found
+
+
+Caller = Annotated[Identity, Depends(_caller)]
 
 
 def _routes(app: FastAPI, ctx: _Context) -> None:
-    def require(principal: Principal, *roles: str) -> None:
+    def require(principal: Identity, *roles: str) -> None:
         if principal.role not in roles:
             raise HTTPException(403, f"role {principal.role} may not do this "
                                 f"(needs {' or '.join(roles)})")
@@ -318,6 +369,20 @@ def _routes(app: FastAPI, ctx: _Context) -> None:
         if existing is not None and existing.revoked_at is None:
             raise HTTPException(409, f"device {body.device} is already enrolled; revoke it "
                                 "first to enroll it again")
+        from . import certs
+
+        certificate: dict[str, str] = {}  # the answer's `certificate` and `ca`, with a CSR
+        recorded: dict[str, str] = {}  # its serial and expiry, for the audit event
+        if body.csr is not None:
+            try:
+                csr = certs.check_csr(body.csr, body.device)
+            except certs.CsrError as err:
+                raise HTTPException(400, str(err)) from None
+            ca = certs.ensure_device_ca(ctx.settings.state_dir)
+            issued = certs.issue_device_certificate(ca, csr, body.device)
+            certificate = {"certificate": issued.pem, "ca": ca.cert_pem}
+            recorded = {"certificate_serial": issued.serial_hex,
+                        "certificate_not_after": issued.not_after.isoformat()}
         row.used_at, row.device_id = now, body.device
         if existing is None:
             db.add(Device(id=body.device, labels=dict(row.labels), groups=list(row.groups),
@@ -328,8 +393,12 @@ def _routes(app: FastAPI, ctx: _Context) -> None:
         db.flush()
         _, token = make_principal(db, name=body.device, role="device", device_id=body.device)
         _audit(db, None, "device.enroll", body.device, {"labels": row.labels,
-                                                        "enrollment_by": row.created_by})
-        return {"device": body.device, "token": token, "poll_s": ctx.settings.poll_s}
+                                                        "enrollment_by": row.created_by,
+                                                        **recorded})
+        # The fleet's public key rides along: trust on first use over this channel
+        # (docs/control.md, "Enrolling a device"); operators can pin it in the config.
+        return {"device": body.device, "token": token, "poll_s": ctx.settings.poll_s,
+                "public_key": certs.public_key_pem(ctx.signing_key), **certificate}
 
     # --- devices ------------------------------------------------------------------------
 
@@ -411,6 +480,7 @@ def _routes(app: FastAPI, ctx: _Context) -> None:
             log.error("the stored artifact of %s is damaged or missing: %s", ref, err)
             raise HTTPException(410, f"the stored artifact of {ref} is damaged or missing "
                                 f"({err}); publish the model again") from err
+        ctx.artifact_downloads += 1
         return Response(published.artifact_path.read_bytes(),
                         media_type="application/octet-stream",
                         headers={"X-Edgefleet-Sha256": published.manifest.sha256})
@@ -423,11 +493,12 @@ def _routes(app: FastAPI, ctx: _Context) -> None:
         selector = _parse_target(body.target)
         model_ref = body.model if body.version is None else (
             f"{body.model.split('@', 1)[0]}/{body.version}")
+        row = _publish(ctx, db, who, model_ref)  # may take seconds: before the lock
+        lock_fleet(db)
         if db.scalar(select(DeploymentRow.id).where(
                 DeploymentRow.active.is_(True), DeploymentRow.target == selector.text())):
             raise HTTPException(409, f"target {selector.text()} already has an active "
                                 "deployment; pause, abort or wait for it first")
-        row = _publish(ctx, db, who, model_ref)
         ref = f"{row.name}/{row.version}"
         devices = [d for d in _devices(db, selector) if d.pinned_model is None]
         if not devices:
@@ -471,6 +542,7 @@ def _routes(app: FastAPI, ctx: _Context) -> None:
                           action: Literal["pause", "resume", "abort", "rollback"],
                           who: Caller, db: Db) -> dict[str, Any]:
         require(who, "admin", "operator")
+        lock_fleet(db)
         row = _deployment(db, deployment_id, lock=True)
         plan = rollout.Deployment.from_dict(row.plan)
         now = time.time()
@@ -494,43 +566,44 @@ def _routes(app: FastAPI, ctx: _Context) -> None:
 
     @app.get("/v1/device/desired", responses={304: {"description": "unchanged since the "
                                                      "generation in If-None-Match"}})
-    def desired(who: Caller, db: ReadDb, response: Response,
-                if_none_match: Annotated[str | None, Header()] = None) -> Any:
-        device = _own_device(db, who)
+    async def desired(who: Caller,
+                      if_none_match: Annotated[str | None, Header()] = None) -> Response:
+        if who.role != "device" or who.device_id is None:
+            raise HTTPException(403, "only a device token may use /v1/device/*")
+        answer = ctx.hot.answer(who.device_id)
+        if answer is None:
+            answer = await run_in_threadpool(_load_answer, ctx, who.device_id)
+        if answer.revoked:
+            raise HTTPException(403, f"device {answer.device} is revoked")
         ctx.desired_requests += 1
-        ctx.mark_seen(device.id, time.time())
-        etag = f'"{device.generation}"'
-        if if_none_match is not None and if_none_match.strip() == etag:
-            return Response(status_code=304, headers={"ETag": etag})
-        response.headers["ETag"] = etag
-        model = None
-        if device.desired_model:
-            row = _model_row(db, device.desired_model)
-            model = {"manifest": row.manifest,
-                     "artifact_url": f"/v1/models/{row.name}/{row.version}/artifact"}
-        return {"device": device.id, "generation": device.generation, "model": model,
-                "shadow_s": ctx.settings.shadow_s, "poll_s": ctx.settings.poll_s}
+        ctx.mark_seen(answer.device, time.time())
+        if if_none_match is not None and if_none_match.strip() == answer.etag:
+            return Response(status_code=304, headers={"ETag": answer.etag})
+        return Response(answer.body, media_type="application/json",
+                        headers={"ETag": answer.etag})
 
     @app.post("/v1/device/report", status_code=204)
     def report(body: ReportRequest, who: Caller, db: Db) -> Response:
-        device = _own_device(db, who)
-        ctx.reports += 1
+        if who.role != "device" or who.device_id is None:
+            raise HTTPException(403, "only a device token may use /v1/device/*")
         now = time.time()
-        device.last_seen = device.reported_at = now
-        device.current_model, device.previous_model = body.current, body.previous
-        device.state, device.reason = body.state, body.reason
-        device.reported_generation = body.generation
-        if body.shadow is not None:
-            device.shadow = dict(body.shadow)
-        if body.buffer_depth is not None:
-            device.buffer_depth = body.buffer_depth
-        if body.buffer_age_s is not None:
-            device.buffer_age_s = body.buffer_age_s
-        db.flush()
-        for row in _active_deployments(db, lock=True):
-            plan = rollout.Deployment.from_dict(row.plan)
-            if device.id in plan.previous:
-                _step(db, row, plan, now)
+        values: dict[str, Any] = {
+            "last_seen": now, "reported_at": now, "current_model": body.current,
+            "previous_model": body.previous, "state": body.state, "reason": body.reason,
+            "reported_generation": body.generation}
+        for key, value in (("shadow", body.shadow), ("buffer_depth", body.buffer_depth),
+                           ("buffer_age_s", body.buffer_age_s)):
+            if value is not None:
+                values[key] = value
+        # One statement: SQLite's write lock is held for as short a time as possible
+        # (every device of a wave reports within seconds of the others).
+        done = db.execute(update(Device).where(Device.id == who.device_id,
+                                               Device.revoked_at.is_(None)).values(values),
+                          execution_options={"synchronize_session": False})
+        if cast(Any, done).rowcount != 1:
+            raise HTTPException(403, f"device {who.device_id} is revoked")
+        ctx.reports += 1
+        ctx.reported = True  # the engine loop steps the deployments within step_s
         return Response(status_code=204)
 
     # --- fleet health -------------------------------------------------------------------
@@ -589,7 +662,7 @@ def _device(db: Session, device_id: str) -> Device:
     return device
 
 
-def _own_device(db: Session, who: Principal) -> Device:
+def _own_device(db: Session, who: Identity) -> Device:
     if who.role != "device" or who.device_id is None:
         raise HTTPException(403, "only a device token may use /v1/device/*")
     device = _device(db, who.device_id)
@@ -624,7 +697,7 @@ def _active_deployments(db: Session, *, lock: bool = False) -> list[DeploymentRo
     return list(db.scalars(query))
 
 
-def _publish(ctx: _Context, db: Session, who: Principal, model: str) -> ModelVersion:
+def _publish(ctx: _Context, db: Session, who: Identity, model: str) -> ModelVersion:
     """The published row of `model` (NAME/VERSION already published, else from MLflow)."""
     from .publish import PublishError, parse_model_ref, publish_model
 
@@ -643,8 +716,13 @@ def _publish(ctx: _Context, db: Session, who: Principal, model: str) -> ModelVer
     try:
         published = publish_model(tracking_uri=ctx.settings.tracking_uri, ref=model,
                                   signing_key=ctx.signing_key,
-                                  store_root=ctx.settings.artifact_root)
+                                  store_root=ctx.settings.artifact_root,
+                                  artifacts=ctx.artifacts)
     except PublishError as err:
+        from .artifacts import ArtifactUnavailable
+
+        if isinstance(err.__cause__, ArtifactUnavailable):  # S3 down: worth a retry
+            raise HTTPException(503, str(err), headers={"Retry-After": "10"}) from err
         raise HTTPException(422, str(err)) from err
     manifest = published.manifest
     row = db.scalar(select(ModelVersion).where(ModelVersion.name == manifest.model_name,
@@ -693,15 +771,16 @@ def _apply_desired(db: Session, plan: rollout.Deployment, devices: list[str]) ->
 
 def _reports(db: Session, plan: rollout.Deployment) -> dict[str, rollout.DeviceReport]:
     """The devices' latest reports that answer their current desired state."""
-    reports: dict[str, rollout.DeviceReport] = {}
-    for device in db.scalars(select(Device).where(Device.id.in_(list(plan.previous)))):
-        if device.reported_generation != device.generation or device.reported_at is None:
-            continue
-        reports[device.id] = rollout.DeviceReport(
-            device=device.id, generation=device.reported_generation,
-            current=device.current_model, state=device.state, reason=device.reason,
-            shadow=device.shadow, at=device.reported_at)
-    return reports
+    # Columns, not ORM objects: a step reads every device of the deployment, a few times
+    # a second during a rollout, and building entities costs ten times more.
+    query = select(Device.id, Device.reported_generation, Device.current_model, Device.state,
+                   Device.reason, Device.shadow, Device.reported_at).where(
+        Device.reported_generation == Device.generation, Device.reported_at.is_not(None))
+    return {row.id: rollout.DeviceReport(device=row.id, generation=row.reported_generation,
+                                         current=row.current_model, state=row.state,
+                                         reason=row.reason, shadow=row.shadow,
+                                         at=row.reported_at)
+            for row in db.execute(query) if row.id in plan.previous}
 
 
 def _step(db: Session, row: DeploymentRow, plan: rollout.Deployment, now: float) -> None:
@@ -721,24 +800,83 @@ def _store_plan(db: Session, row: DeploymentRow, plan: rollout.Deployment) -> No
 
 
 def tick(ctx: _Context) -> None:
-    """One engine step for every active deployment (timeouts, bake times, next waves)."""
+    """One engine step for every active deployment (reports, timeouts, bake times, next
+    waves), in one transaction."""
     ctx.ticks += 1
+    ctx.reported = False  # a report arriving from here on asks for the next step
     now = time.time()
     with ctx.sessions.begin() as db:
+        lock_fleet(db)
         _flush_seen(ctx, db)
         for row in _active_deployments(db, lock=True):
             _step(db, row, rollout.Deployment.from_dict(row.plan), now)
 
 
+def _load_answer(ctx: _Context, device_id: str) -> DesiredAnswer:
+    """A device's desired state from the database, kept in `ctx.hot` (see hot.py)."""
+    epoch = ctx.hot.epoch()
+    fresh_until = float("inf")
+    with ctx.read_sessions.begin() as db:
+        device = _device(db, device_id)
+        model = None
+        if device.desired_model:
+            row = _model_row(db, device.desired_model)
+            url = f"/v1/models/{row.name}/{row.version}/artifact"
+            if ctx.artifacts is not None:
+                ttl = ctx.settings.artifact_url_ttl_s
+                url = ctx.artifacts.presign(row.name, row.version, ttl)
+                # Served from memory for half its life, so a device always gets a URL
+                # with at least ttl/2 to run.
+                fresh_until = time.monotonic() + ttl / 2
+            model = {"manifest": row.manifest, "artifact_url": url}
+        body = {"device": device.id, "generation": device.generation, "model": model,
+                "shadow_s": ctx.settings.shadow_s, "poll_s": ctx.settings.poll_s}
+        answer = DesiredAnswer(device.id, device.generation, device.revoked_at is not None,
+                               json.dumps(body, separators=(",", ":")).encode(), fresh_until)
+    ctx.hot.put_answer(answer, epoch)
+    return answer
+
+
+def _connect_artifacts(settings: ControlSettings,
+                       sessions: sessionmaker[Session]) -> S3Artifacts:
+    """The S3 store, with every published version in it: versions published before S3
+    was configured are uploaded now; a version whose object holds other bytes is logged
+    and served from the control plane only (its URL would fail verification anyway)."""
+    from .artifacts import ArtifactConflict, ArtifactMissing, S3Artifacts, check_url_ttl
+    from .publish import load_published
+
+    check_url_ttl(settings.artifact_url_ttl_s)
+    artifacts = S3Artifacts.from_env(settings.artifacts_s3 or "")
+    with sessions() as db:
+        rows = [(m.name, m.version, m.sha256, m.size) for m in db.scalars(select(ModelVersion))]
+    for name, version, sha256, size in rows:
+        try:
+            artifacts.check(name, version, sha256, size=size)
+        except ArtifactMissing:
+            artifacts.upload(load_published(settings.artifact_root, name, version))
+            log.info("uploaded %s/%s to %s", name, version, settings.artifacts_s3)
+        except ArtifactConflict as err:
+            log.error("S3 holds other bytes for %s/%s: %s", name, version, err)
+    return artifacts
+
+
 def _flush_seen(ctx: _Context, db: Session) -> None:
-    """Write the polls' `last_seen` times kept in memory (see `_Context.seen`)."""
-    for device_id, at in ctx.take_seen().items():
-        device = db.get(Device, device_id)
-        if device is not None and (device.last_seen or 0.0) < at:
-            device.last_seen = at
+    """Write the polls' `last_seen` times kept in memory (see `_Context.seen`): one
+    statement, executed for many rows, that never moves a time backwards."""
+    seen = ctx.take_seen()
+    if not seen:
+        return
+    lock_fleet(db)
+    table = cast(Table, Device.__table__)
+    db.execute(
+        update(table)
+        .where(table.c.id == bindparam("device"),
+               or_(table.c.last_seen.is_(None), table.c.last_seen < bindparam("at")))
+        .values(last_seen=bindparam("at")),
+        [{"device": device, "at": at} for device, at in sorted(seen.items())])
 
 
-def _audit(db: Session, who: Principal | None, action: str, target: str,
+def _audit(db: Session, who: Identity | None, action: str, target: str,
            detail: dict[str, Any]) -> None:
     db.add(AuditEvent(actor=who.name if who else "control-plane", action=action,
                       target=target, detail=detail))
@@ -813,5 +951,20 @@ def _metrics(db: Session, ctx: _Context) -> str:
         "# HELP edgefleet_control_desired_requests_total Desired-state requests answered.",
         "# TYPE edgefleet_control_desired_requests_total counter",
         f"edgefleet_control_desired_requests_total {ctx.desired_requests}",
+        "# HELP edgefleet_control_artifact_downloads_total Artifacts served by the control "
+        "plane itself (not through pre-signed S3 URLs).",
+        "# TYPE edgefleet_control_artifact_downloads_total counter",
+        f"edgefleet_control_artifact_downloads_total {ctx.artifact_downloads}",
+        "# HELP edgefleet_control_engine_ticks_total Engine steps over the deployments.",
+        "# TYPE edgefleet_control_engine_ticks_total counter",
+        f"edgefleet_control_engine_ticks_total {ctx.ticks}",
+        "# HELP edgefleet_control_cache_lookups_total Token and desired-state lookups in "
+        "memory, by result (a miss reads the database).",
+        "# TYPE edgefleet_control_cache_lookups_total counter",
+        f'edgefleet_control_cache_lookups_total{{result="hit"}} {ctx.hot.hits}',
+        f'edgefleet_control_cache_lookups_total{{result="miss"}} {ctx.hot.misses}',
+        "# HELP edgefleet_control_cache_refused_total Entries not kept: the cache was full.",
+        "# TYPE edgefleet_control_cache_refused_total counter",
+        f"edgefleet_control_cache_refused_total {ctx.hot.refused}",
     ]
     return "\n".join(lines) + "\n"

@@ -30,6 +30,7 @@ from .db import Principal
 
 __all__ = [
     "ROLES",
+    "bearer_key",
     "bootstrap_admin",
     "hash_token",
     "make_principal",
@@ -62,16 +63,20 @@ def make_principal(session: Session, *, name: str, role: str, device_id: str | N
     return principal, token
 
 
-def principal_for(session: Session, header: str | None) -> Principal | None:
-    """The live principal a bearer header names, or None."""
+def bearer_key(header: str | None) -> str | None:
+    """The stored hash of the token in a well-formed `Authorization: Bearer` header."""
     if not header:
         return None
     match = _BEARER.match(header.strip())
-    if match is None:
+    return hash_token(match.group(1)) if match else None
+
+
+def principal_for(session: Session, header: str | None) -> Principal | None:
+    """The live principal a bearer header names, or None."""
+    key = bearer_key(header)
+    if key is None:
         return None
-    principal = session.scalar(
-        select(Principal).where(Principal.token_sha256 == hash_token(match.group(1)))
-    )
+    principal = session.scalar(select(Principal).where(Principal.token_sha256 == key))
     if principal is None or principal.revoked_at is not None:
         return None
     return principal

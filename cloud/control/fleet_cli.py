@@ -1,6 +1,7 @@
 """`edgefleet fleet`: the operators' client of the control plane.
 
     edgefleet fleet devices [--target site=plant-a]
+    edgefleet fleet enrollment-token --label site=plant-a [--group line-2] [--ttl-s 86400]
     edgefleet fleet deploy --model NAME@champion --target site=plant-a --waves 1,10%,50%,100%
     edgefleet fleet status [DEPLOYMENT] [--once] [--json]   a live table of the rollout
     edgefleet fleet pause|resume|abort|rollback DEPLOYMENT
@@ -31,6 +32,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     devices = sub.add_parser("devices", help="list the fleet's devices")
     devices.add_argument("--target", default="*", help="selector, e.g. site=plant-a")
     devices.add_argument("--json", action="store_true")
+    token = sub.add_parser("enrollment-token",
+                           help="a one-time token a gateway enrolls with (edgefleet agent "
+                           "enroll); it prints only the token")
+    token.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",
+                       help="a label the device gets (repeatable)")
+    token.add_argument("--group", action="append", default=[], help="a group (repeatable)")
+    token.add_argument("--ttl-s", type=float, default=24 * 3600.0)
     deploy = sub.add_parser("deploy", help="roll a model version out in waves")
     deploy.add_argument("--model", required=True, help="NAME@ALIAS or NAME/VERSION")
     deploy.add_argument("--target", default="*", help="selector, e.g. site=plant-a")
@@ -77,9 +85,21 @@ def _call(http: Any, method: str, path: str, **kwargs: Any) -> Any:
 
 
 def _fleet(args: argparse.Namespace, http: Any) -> int:
+    from edgefleet.deploy.cli import CliError
     if args.action == "devices":
         devices = _call(http, "GET", "/v1/devices", params={"target": args.target})["devices"]
         print(json.dumps(devices) if args.json else _devices_table(devices))
+        return 0
+    if args.action == "enrollment-token":
+        labels = {}
+        for item in args.label:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise CliError(f"--label {item!r}: expected KEY=VALUE")
+            labels[key] = value
+        made = _call(http, "POST", "/v1/enrollment-tokens",
+                     json={"labels": labels, "groups": args.group, "ttl_s": args.ttl_s})
+        print(made["token"])
         return 0
     if args.action == "deploy":
         body: dict[str, Any] = {"model": args.model, "target": args.target,

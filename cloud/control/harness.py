@@ -60,8 +60,10 @@ class ControlProcess(ChildProcess):
         poll_s: float = 1.0,
         bake_s: float = 0.0,
         env: dict[str, str] | None = None,
+        extra_args: Sequence[str] = (),
     ) -> None:
         self.folder = Path(folder)
+        self.extra_args = list(extra_args)
         self.state_dir = self.folder / "state"
         self.db_url = db_url
         self.tracking_uri = tracking_uri
@@ -93,7 +95,7 @@ class ControlProcess(ChildProcess):
             args += ["--db", self.db_url]
         if self.tracking_uri is not None:
             args += ["--tracking-uri", self.tracking_uri]
-        return args
+        return args + self.extra_args
 
     def start(self, timeout_s: float = 60.0) -> ControlProcess:
         import httpx

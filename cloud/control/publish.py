@@ -5,6 +5,7 @@ models:/NAME@ALIAS or NAME/VERSION ─► MLflow version ─► its ONNX file (t
     ─► ModelBundle.load (refuses what an agent could not serve) ─► tag onnx_sha256 check
     ─► ModelManifest (sha256, size, feature schema hash) ─► Ed25519 signature
     ─► <store_root>/<name>/<version>/model.onnx + manifest.json
+    ─► (with `artifacts`) s3://BUCKET/PREFIX/<name>/<version>/model.onnx (artifacts.py)
 ```
 
 Contracts
@@ -28,6 +29,11 @@ Contracts
   point. Publishing a stored version again with the same bytes returns the stored
   manifest (not re-signed); with other bytes it is a `PublishError`. Names are checked
   with `SAFE_NAME` (whole string) and every path is resolved and checked to stay under `store_root`.
+* **S3 after the local store.** With `artifacts` (an `S3Artifacts`), the artifact is
+  uploaded once the local store holds the version, also when it was already stored, so
+  publishing again completes an upload that failed before. The upload is idempotent and
+  never replaces other bytes; a failure is a `PublishError` (the local store keeps the
+  version, and callers record the version as published only on success).
 * **Errors.** Everything that cannot be published raises `PublishError` naming the model
   and the reason; a malformed reference raises `ValueError` (`parse_model_ref`).
 """
@@ -57,6 +63,8 @@ from edgefleet.protocols.manifest import (
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from .artifacts import S3Artifacts
 
 __all__ = [
     "ARTIFACT_FILE",
@@ -146,12 +154,14 @@ def publish_model(
     signing_key: Ed25519PrivateKey,
     store_root: Path,
     now_ns: int | None = None,
+    artifacts: S3Artifacts | None = None,
 ) -> Published:
     """Publish the MLflow model version `ref` (see `parse_model_ref`) into `store_root`
-    and return it; see the module's contracts. `now_ns` (epoch ns, default now) is the
-    manifest's `created_at`. Raises ValueError for a malformed `ref`, PublishError for
-    everything else (unknown model, alias or version; not an ONNX model; unloadable;
-    hash mismatch; a stored version with other bytes)."""
+    (and into `artifacts`, when given) and return it; see the module's contracts. `now_ns`
+    (epoch ns, default now) is the manifest's `created_at`. Raises ValueError for a
+    malformed `ref`, PublishError for everything else (unknown model, alias or version;
+    not an ONNX model; unloadable; hash mismatch; a stored version with other bytes, here
+    or in `artifacts`; the artifact store failing)."""
     name, version, alias = parse_model_ref(ref)
     client = _client(tracking_uri)
     version, tags = _resolve(client, name, version, alias)
@@ -169,6 +179,7 @@ def publish_model(
     existing = _existing(store_root, name, version, folder, digest)
     if existing is not None:
         log.info("model %s v%s is already published (sha256 %s…)", name, version, digest[:16])
+        _upload(artifacts, existing)
         return existing
 
     features_hash = _check_loadable(name, version, model_bytes)
@@ -191,7 +202,9 @@ def publish_model(
     _write_atomic(manifest_path, manifest.to_json().encode("utf-8"))  # the commit point
     log.info("published %s v%s (sha256 %s…, %d bytes, key %s) to %s", name, version,
              digest[:16], len(model_bytes), manifest.key_id, folder)
-    return Published(manifest, artifact_path, manifest_path)
+    published = Published(manifest, artifact_path, manifest_path)
+    _upload(artifacts, published)
+    return published
 
 
 def load_published(store_root: Path, name: str, version: str) -> Published:
@@ -331,6 +344,22 @@ def _existing(
             "published version is immutable (register a new version instead)"
         )
     return stored
+
+
+def _upload(artifacts: S3Artifacts | None, published: Published) -> None:
+    """Copy a stored version's artifact to `artifacts` (idempotent); PublishError if not."""
+    if artifacts is None:
+        return
+    from .artifacts import ArtifactError
+
+    try:
+        stored = artifacts.upload(published)
+    except ArtifactError as err:
+        raise PublishError(f"model {published.manifest.ref}: stored locally, but not in the "
+                           f"artifact store: {err}") from err
+    log.info("model %s %s %s (%s)", published.manifest.ref,
+             "uploaded to" if stored.uploaded else "already in", artifacts.config.describe(),
+             stored.key)
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

@@ -13,11 +13,13 @@ from typing import Any, Final
 
 from sqlalchemy import Engine, create_engine, event, text
 
-__all__ = ["HEAD", "MIGRATIONS", "connect", "current_revision", "migrate", "reader"]
+__all__ = ["HEAD", "MIGRATIONS", "connect", "current_revision", "lock_fleet", "migrate",
+           "reader"]
 
 MIGRATIONS: Final = Path(__file__).parent / "migrations"
 HEAD: Final = "0001"
 _LOCK_KEY: Final = 0x45464C54  # "EFLT": the advisory lock migrations hold on PostgreSQL
+_FLEET_LOCK_KEY: Final = 0x45464C57  # "EFLW": held by transactions writing many devices
 
 
 def connect(url: str, **options: Any) -> Engine:
@@ -62,6 +64,16 @@ def connect(url: str, **options: Any) -> Engine:
 def reader(engine: Engine) -> Engine:
     """The same database for read-only transactions: on SQLite they take no write lock."""
     return engine.execution_options(sqlite_begin="BEGIN")
+
+
+def lock_fleet(session: Any) -> None:
+    """Serialise the transactions that write many device rows (the engine's tick, creating
+    or changing a deployment, writing polls' `last_seen`): on PostgreSQL two of them
+    locking overlapping rows in different orders deadlock, so they take one advisory lock
+    first, held to the end of the transaction. Single-row writers (a report) need not.
+    SQLite's writers are serialised by `BEGIN IMMEDIATE` already."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _FLEET_LOCK_KEY})
 
 
 def migrate(engine: Engine) -> str:

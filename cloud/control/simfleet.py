@@ -7,7 +7,8 @@ SimulatedFleet(url, public key, root, count) ─► enroll_all(operator headers,
     keep=2) + FleetClient + ModelUpdater (edge-agent/fleet.py, unchanged)
 run(stop) / start() … stop(): every agent polls its desired state (first poll staggered over
     one interval), downloads, verifies, shadows, swaps, reports, rolls back — the agent's
-    code; one shared httpx.AsyncClient (bounded pool); one feeder task hands each
+    code; one shared keep-alive HTTP client (`simhttp.py`: httpx's answers, a lighter
+  pool, at most `max_connections` connections); one feeder task hands each
     shadowing agent a seeded [rows, F] feature batch every `observe_s` (`observe`)
 ```
 
@@ -32,14 +33,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
+import tempfile
 import threading
 from collections.abc import AsyncIterator, Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, cast
 
 import numpy as np
+
+from .simhttp import SimpleHttp
 
 if TYPE_CHECKING:
     import httpx
@@ -49,7 +55,7 @@ if TYPE_CHECKING:
     from edgefleet.edge_agent.model_manager import ModelStore
     from edgefleet.protocols.features import FeatureSpec
 
-__all__ = ["SimAgent", "SimulatedFleet"]
+__all__ = ["SimAgent", "SimulatedFleet", "memory_tempdir"]
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +68,9 @@ class _Link:
 
     def __init__(self) -> None:
         self.agent: SimAgent | None = None
-        self.http: httpx.AsyncClient | None = None
+        self.http: SimpleHttp | None = None
 
-    def _client(self) -> httpx.AsyncClient:
+    def _client(self) -> SimpleHttp:
         import httpx
 
         if self.agent is not None and self.agent.offline:
@@ -263,12 +269,16 @@ class SimulatedFleet:
                               max_keepalive_connections=self.max_connections)
         timeout = httpx.Timeout(self.timeout_s, pool=max(self.timeout_s, 60.0))
         self._loop = asyncio.get_running_loop()
+        # Installs write and fsync files in worker threads; with hundreds of agents
+        # installing at once the default pool (cores + 4 threads) queues them on the disk.
+        self._loop.set_default_executor(ThreadPoolExecutor(32, "simfleet-io"))
         self._stop = stop
         async with httpx.AsyncClient(timeout=timeout, limits=limits,
                                      follow_redirects=False) as http:
             tasks = []
+            simple = SimpleHttp(self.url, self.max_connections, self.timeout_s, http)
             for agent in self.agents.values():
-                agent.link.http = http
+                agent.link.http = simple
                 agent.online = asyncio.Event()
                 if not agent.offline:
                     agent.online.set()
@@ -283,6 +293,7 @@ class SimulatedFleet:
                 await asyncio.gather(*tasks, return_exceptions=True)
                 for agent in self.agents.values():
                     agent.link.http = None
+                await simple.aclose()
                 self._loop = None
 
     async def _agent(self, agent: SimAgent, stop: asyncio.Event) -> None:
@@ -406,6 +417,15 @@ class SimulatedFleet:
     def tokens(self) -> dict[str, str]:
         """Agent → its device token (to call the device API as that agent)."""
         return {name: agent.token for name, agent in self.agents.items()}
+
+
+def memory_tempdir(prefix: str) -> Path:
+    """A new private folder (mkdtemp, 0700) for simulated agents' model stores: in
+    /dev/shm where there is one (each real gateway fsyncs on a disk of its own; hundreds of
+    stores on one shared disk would measure that disk), else in the temp folder."""
+    shm = Path("/dev/shm")  # noqa: S108 - only a private mkdtemp folder is made in it
+    where = str(shm) if shm.is_dir() and os.access(shm, os.W_OK) else None
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=where))
 
 
 def _default_labels(index: int) -> dict[str, str]:

@@ -33,8 +33,8 @@ def test_bench_agent_prints_every_figure_and_loses_nothing() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "edgefleet.deploy.cli", "bench", "agent", "--json"],
         capture_output=True, text=True, timeout=600,
-        env={**os.environ, "EDGEFLEET_BENCH_SECONDS": "2", "EDGEFLEET_BENCH_OUTAGE_S": "8",
-             "EDGEFLEET_BENCH_BACKLOG_ROWS": "200000", "EDGEFLEET_BENCH_RATE": "20000"},
+        env={**os.environ, "EDGEFLEET_BENCH_SECONDS": "2", "EDGEFLEET_BENCH_OUTAGE_S": "4",
+             "EDGEFLEET_BENCH_BACKLOG_ROWS": "50000", "EDGEFLEET_BENCH_RATE": "20000"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
     figures = json.loads(result.stdout)
@@ -86,12 +86,12 @@ def test_bench_rollout_prints_every_figure() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "edgefleet.deploy.cli", "bench", "rollout", "--json"],
         capture_output=True, text=True, timeout=900,
-        env={**os.environ, "EDGEFLEET_BENCH_AGENTS": "30", "EDGEFLEET_BENCH_POLL_S": "1",
-             "EDGEFLEET_BENCH_RPS_SECONDS": "2"},
+        env={**os.environ, "EDGEFLEET_BENCH_AGENTS": "12", "EDGEFLEET_BENCH_POLL_S": "0.5",
+             "EDGEFLEET_BENCH_SHADOW_S": "0.5", "EDGEFLEET_BENCH_RPS_SECONDS": "1"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
     figures = json.loads(result.stdout)
-    assert figures["agents"] == 30
+    assert figures["agents"] == 12
     for key in ("converge_s", "desired_state_rps", "rollback_s"):
         assert figures[key] > 0, key
     # The rollback reached every agent that had run the bad model.

@@ -15,8 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
+import yaml
 
 from edgefleet.cloud.control.harness import ControlProcess, build_nan_model, build_registry
 from edgefleet.cloud.reference_models import build_zscore_model
@@ -88,24 +88,23 @@ def model_versions(sink: LocalSink) -> set[str]:
 def test_an_agent_follows_rollouts_refuses_a_bad_model_and_rolls_back_offline(
     tmp_path: Path, control: ControlProcess
 ) -> None:
-    with httpx.Client(base_url=control.url, timeout=10) as http:
-        made = http.post("/v1/enrollment-tokens", json={"labels": {"site": "test"}},
-                         headers=control.operator_headers())
-        enrolled = http.post("/v1/enroll", json={"token": made.json()["token"],
-                                                 "device": DEVICE})
-    assert enrolled.status_code == 201, enrolled.text
-    token_file = tmp_path / "device.token"
-    token_file.write_text(enrolled.json()["token"] + "\n")
-    token_file.chmod(0o600)
+    # Enrolled as an operator and a gateway would: a one-time token from `edgefleet fleet`,
+    # exchanged by `edgefleet agent enroll`, which prints the agent's fleet section.
+    made = fleet(control, "enrollment-token", "--label", "site=test")
+    assert made.returncode == 0, made.stderr
+    enrolled = subprocess.run(
+        [sys.executable, "-m", "edgefleet.deploy.cli", "agent", "enroll", "--url", control.url,
+         "--token", "-", "--device", DEVICE, "--state-dir", str(tmp_path / "agent" / "state")],
+        input=made.stdout, capture_output=True, text=True, timeout=60)
+    assert enrolled.returncode == 0, enrolled.stderr
+    section = yaml.safe_load(enrolled.stdout)["fleet"]
+    assert (tmp_path / "agent" / "state" / "device.token").stat().st_mode & 0o777 == 0o600
 
-    (tmp_path / "agent").mkdir()
     with LocalSink(keep_readings=5000) as sink:
         config = write_agent_config(
             tmp_path / "agent", fog_url=sink.url, sources=[SOURCE], device=DEVICE,
             state_dir=str(tmp_path / "agent" / "state"),
-            fleet={"url": control.url, "token_file": str(token_file),
-                   "public_keys": [control.public_key_text()], "poll_min_s": 0.2,
-                   "poll_max_s": 1.0, "backoff_cap_s": 2.0})
+            fleet={**section, "poll_min_s": 0.2, "poll_max_s": 1.0, "backoff_cap_s": 2.0})
         with AgentProcess(config) as agent:
             # v1 from the fleet: no model before, so nothing to compare in the shadow.
             first = deploy(control, "1")

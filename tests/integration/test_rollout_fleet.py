@@ -1,6 +1,13 @@
 """Staged rollouts end to end: `edgefleet control run` as a real process (SQLite; one
-scenario on the launcher's PostgreSQL) and a `SimulatedFleet` of agents running the
-agent's own model-management code (ModelUpdater, FleetClient, ModelStore), polling fast.
+scenario on the launcher's PostgreSQL), 1,000 simulated agents (`SimulatedFleet`: the
+agent's own model-management code, ModelUpdater, FleetClient and ModelStore, in one
+process) and 3 real `edgefleet agent run` processes, all enrolled in one fleet.
+
+The real agents score synthetic data (temp ≈ 50, vib ≈ 60) with the fleet's models; the
+simulated ones score draws around 0. Wave 1 (one device) may pick either kind; where the
+two kinds of device fail differently, each scenario asserts what its wave-1 device must
+show (a real agent sees NaN on every window of model 5 and refuses to swap it in; a
+simulated one sees NaN on a third of its batches, swaps, and the gate rolls it back).
 
 Models (one registered name, genuine ONNX files in a local sqlite MLflow registry):
 
@@ -15,8 +22,7 @@ Models (one registered name, genuine ONNX files in a local sqlite MLflow registr
 
 Assertions go through the API (`/v1/deployments/{id}`, `/v1/devices`) and through the
 fleet (what each agent serves, its updater's counters). Every device enrolled in the
-control plane must end on the expected model, so a real agent enrolled with the
-`enrollment_token` fixture (labels site=real) joins these checks without other changes.
+control plane, real agents included, must end on the expected model.
 """
 
 from __future__ import annotations
@@ -24,8 +30,9 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -34,9 +41,13 @@ import httpx
 import pytest
 
 from edgefleet.cloud.control.harness import ControlProcess, build_nan_model, build_registry
-from edgefleet.cloud.control.simfleet import SimulatedFleet
+from edgefleet.cloud.control.simfleet import SimulatedFleet, memory_tempdir
 from edgefleet.cloud.reference_models import build_zscore_model
+from edgefleet.edge_agent.harness import AgentProcess, write_agent_config
+from edgefleet.edge_agent.model_manager import ModelStore
+from edgefleet.edge_agent.sink import LocalSink
 from edgefleet.protocols.features import FeatureSpec
+from edgefleet.protocols.manifest import load_public_key
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.integration
@@ -45,8 +56,12 @@ NAME = "line-anomaly"
 SPEC = FeatureSpec(tags=("temp", "vib"), window=4, stats=("mean", "std"))
 OTHER_SPEC = FeatureSpec(tags=("temp", "vib", "pressure"), window=4, stats=("mean", "std"))
 WIDTH = len(SPEC.feature_names())
-AGENTS = int(os.environ.get("EDGEFLEET_TEST_AGENTS", 60))  # the bench runs 1,000
-POLL_S = 0.5
+AGENTS = int(os.environ.get("EDGEFLEET_TEST_AGENTS", 1000))
+PG_AGENTS = 60  # the PostgreSQL scenario shows the SQL paths, not the scale
+REAL_AGENTS = 3
+REAL_SOURCE = {"type": "synthetic", "name": "synthetic", "assets": 1, "tags": ["temp", "vib"],
+               "rows_per_s": 20, "poll_interval_s": 0.25}
+POLL_S = 1.0
 SHADOW_S = 1.0
 WAVES = "1,10%,50%,100%"
 V1, V2, CORRUPT, WRONG_SHAPE, NAN, V6 = (f"{NAME}/{v}" for v in "123456")
@@ -81,6 +96,7 @@ class Plane:
     control: ControlProcess
     fleet: SimulatedFleet
     api: httpx.Client
+    real: dict[str, Path] = field(default_factory=dict)  # device -> its store
 
     def enrollment_token(self, labels: dict[str, str]) -> str:
         made = self.api.post("/v1/enrollment-tokens", json={"labels": labels})
@@ -135,6 +151,13 @@ class Plane:
         return {name: dict(agent.updater.counters)
                 for name, agent in self.fleet.agents.items()}
 
+    def installed(self, device: str) -> list[str]:
+        """The models in a device's store (a real agent's read from its folder)."""
+        if device in self.real:
+            keys = [load_public_key(self.control.public_key_text())]
+            return ModelStore(self.real[device], keys, SPEC).installed()
+        return self.fleet.agents[device].store.installed()
+
 
 def _off(plane: Plane, model: str) -> str:
     off = {a: m for a, m in plane.fleet.models().items() if m != model}
@@ -156,15 +179,45 @@ def _start_plane(folder: Path, registry: str, db_url: str | None,
     try:
         api = httpx.Client(base_url=control.url, headers=control.operator_headers(),
                            timeout=60.0)
-        fleet = SimulatedFleet(control.url, control.public_key_text(), folder / "agents",
-                               agents, features=SPEC, poll_s=POLL_S, observe_s=0.1,
-                               spike_value=7.0, backoff_initial_s=0.2, backoff_cap_s=1.0)
+        fleet = SimulatedFleet(control.url, control.public_key_text(),
+                               memory_tempdir("edgefleet-test-fleet-"), agents, features=SPEC,
+                               poll_s=POLL_S, observe_s=0.2, spike_value=7.0,
+                               backoff_initial_s=0.2, backoff_cap_s=1.0)
         asyncio.run(fleet.enroll_all(control.operator_headers()))
         fleet.start()
     except BaseException:
         control.stop()
         raise
     return control, fleet, api
+
+
+def _start_real_agents(plane: Plane, folder: Path, sink: LocalSink) -> list[AgentProcess]:
+    """REAL_AGENTS `edgefleet agent run` processes, enrolled like any gateway."""
+    agents = []
+    try:
+        for number in range(REAL_AGENTS):
+            device = f"gw-real-{number}"
+            enrolled = plane.api.post("/v1/enroll", json={
+                "token": plane.enrollment_token({"site": "real"}), "device": device})
+            assert enrolled.status_code == 201, enrolled.text
+            home = folder / device
+            home.mkdir(parents=True)
+            token_file = home / "device.token"
+            token_file.write_text(enrolled.json()["token"] + "\n")
+            token_file.chmod(0o600)
+            config = write_agent_config(
+                home, fog_url=sink.url, sources=[REAL_SOURCE], device=device,
+                state_dir=str(home / "state"),
+                fleet={"url": plane.control.url, "token_file": str(token_file),
+                       "public_keys": [plane.control.public_key_text()],
+                       "poll_min_s": POLL_S, "poll_max_s": POLL_S, "backoff_cap_s": 1.0})
+            agents.append(AgentProcess(config).start())
+            plane.real[device] = home / "state" / "models"
+    except BaseException:
+        for agent in agents:
+            agent.stop()
+        raise
+    return agents
 
 
 def _converge(plane: Plane, model: str, timeout_s: float = 90.0) -> dict[str, Any]:
@@ -195,7 +248,7 @@ def pg_database(stack_env: dict[str, str]) -> Iterator[str]:
 
 def test_a_rollout_converges_on_postgresql(pg_database: str, registry: str,
                                            tmp_path: Path) -> None:
-    control, fleet, api = _start_plane(tmp_path, registry, pg_database, AGENTS)
+    control, fleet, api = _start_plane(tmp_path, registry, pg_database, PG_AGENTS)
     plane = Plane(control, fleet, api)
     try:
         first = plane.wait_ended(plane.deploy(V1, "100%"), 90)
@@ -206,6 +259,7 @@ def test_a_rollout_converges_on_postgresql(pg_database: str, registry: str,
         fleet.stop()
         api.close()
         control.stop()
+        shutil.rmtree(fleet.root, ignore_errors=True)
 
 
 # --- SQLite: the scenarios, on one control plane and one fleet ----------------------------
@@ -213,27 +267,26 @@ def test_a_rollout_converges_on_postgresql(pg_database: str, registry: str,
 
 @pytest.fixture(scope="module")
 def plane(registry: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Plane]:
-    """The fleet enrolled (site=plant-a/plant-b) and running v1 (one wave of 100 %)."""
-    control, fleet, api = _start_plane(tmp_path_factory.mktemp("rollout-sqlite"), registry,
-                                       None, AGENTS)
+    """The fleet enrolled (simulated: site=plant-a/plant-b; real: site=real) and running
+    v1 (one wave of 100 %)."""
+    folder = tmp_path_factory.mktemp("rollout-sqlite")
+    control, fleet, api = _start_plane(folder, registry, None, AGENTS)
     plane = Plane(control, fleet, api)
-    try:
-        first = plane.wait_ended(plane.deploy(V1, "100%"), 90)
-        assert first["state"] == "succeeded", first["progress"]
-        plane.wait_all_on(V1)
-        yield plane
-    finally:
-        fleet.stop()
-        api.close()
-        control.stop()
-
-
-@pytest.fixture
-def enrollment_token(plane: Plane) -> Callable[[dict[str, str]], str]:
-    """One-time enrollment tokens for real agents joining the fleet (give each the
-    control plane's `plane.control.url` and `plane.control.public_key_text()`); a real
-    agent enrolled this way counts in every "all devices on X" check."""
-    return plane.enrollment_token
+    real: list[AgentProcess] = []
+    with LocalSink() as sink:
+        try:
+            real = _start_real_agents(plane, folder / "real", sink)
+            first = plane.wait_ended(plane.deploy(V1, "100%"), 180)
+            assert first["state"] == "succeeded", first["progress"]
+            plane.wait_all_on(V1)
+            yield plane
+        finally:
+            for agent in real:
+                agent.stop()
+            fleet.stop()
+            api.close()
+            control.stop()
+            shutil.rmtree(fleet.root, ignore_errors=True)
 
 
 def test_a_good_model_converges_through_four_waves(plane: Plane) -> None:
@@ -281,7 +334,7 @@ def test_a_corrupted_artifact_is_stopped_in_the_first_wave(plane: Plane) -> None
     view = _rolled_back_in_wave_one(plane, deployment, before, previous)
     (device, reason), = view["progress"]["failures"].items()
     assert "answer 410" in reason, reason
-    assert CORRUPT not in plane.fleet.agents[device].store.installed()
+    assert CORRUPT not in plane.installed(device)
     assert "damaged or missing" in plane.control.log()
 
 
@@ -292,8 +345,10 @@ def test_a_model_for_another_feature_spec_is_refused_and_rolled_back(plane: Plan
     view = _rolled_back_in_wave_one(plane, deployment, before, previous)
     (device, reason), = view["progress"]["failures"].items()
     assert reason.startswith(f"refused {WRONG_SHAPE} (wrong_schema:"), reason
-    assert plane.fleet.agents[device].updater.counters["refusals"] == \
-        before[device]["refusals"] + 1
+    assert WRONG_SHAPE not in plane.installed(device)
+    if device not in plane.real:
+        assert plane.fleet.agents[device].updater.counters["refusals"] == \
+            before[device]["refusals"] + 1
 
 
 def test_a_model_that_turns_nan_on_live_data_fails_its_shadow(plane: Plane) -> None:
@@ -311,6 +366,9 @@ def test_a_model_that_turns_nan_on_live_data_fails_its_shadow(plane: Plane) -> N
     finally:
         plane.fleet.set_spikes(None, False)
     (device, reason), = view["progress"]["failures"].items()
+    if device in plane.real:  # NaN on every live window: the agent itself refuses the swap
+        assert f"candidate {NAN} failed every one of" in reason, reason
+        return
     assert "error_rate" in reason, reason
     counters = plane.fleet.agents[device].updater.counters
     assert counters["shadows"] == before[device]["shadows"] + 1
@@ -324,7 +382,9 @@ def test_agents_offline_during_a_rollout_catch_up_when_back(plane: Plane) -> Non
     plane.fleet.set_offline(offline, True)
     try:
         gone = plane.counters()
-        deployment = plane.deploy(V6, apply_timeout_s=120.0)
+        # One wave: the waves were shown above; what matters here is the wait and the
+        # catch-up, and one wave of the whole fleet takes a third of the time of four.
+        deployment = plane.deploy(V6, "100%", apply_timeout_s=120.0)
 
         def stuck_on_offline() -> bool:
             """An offline agent's wave started; every online device told V6 runs it."""

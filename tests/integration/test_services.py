@@ -204,8 +204,11 @@ def test_kafka_produce_consume(stack_env: dict[str, str]) -> None:
     assert producer.flush(15) == 0
     assert delivered.count("ok") == len(sent), set(delivered)
 
+    # The broker assigns a new group's partitions after half the session timeout: keep it
+    # short (the default 45 s made this test wait 22 s for its first message).
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"g-{topic}",
-                         "auto.offset.reset": "earliest", "enable.auto.commit": False})
+                         "auto.offset.reset": "earliest", "enable.auto.commit": False,
+                         "session.timeout.ms": 6000, "heartbeat.interval.ms": 1000})
     consumer.subscribe([topic])
     received: set[bytes] = set()
     deadline = time.monotonic() + 30

@@ -13,7 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from edgefleet.cloud.control import rollout
-from edgefleet.cloud.control.app import ControlSettings, create_app
+from edgefleet.cloud.control.app import ControlSettings, create_app, tick
 from edgefleet.cloud.reference_models import build_zscore_model
 from edgefleet.protocols.features import FeatureSpec
 from edgefleet.protocols.manifest import (
@@ -115,6 +115,8 @@ def _report(plane: Plane, device: dict[str, str], state: str, current: str | Non
         "generation": desired["generation"], "current": current, "previous": previous,
         "state": state, "shadow": shadow})
     assert answer.status_code == 204, answer.text
+    # A report only records; the engine loop steps within step_s. Step now instead.
+    tick(plane.http.app.state.ctx)
 
 
 def test_first_start_makes_an_admin_token_file_readable_only_by_its_owner(plane: Plane) -> None:
