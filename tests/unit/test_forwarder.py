@@ -235,8 +235,10 @@ def test_live_rows_go_ahead_of_the_backlog_after_an_outage(buffer: SqliteBuffer)
             while forwarder.stats.outages == 0:
                 await asyncio.sleep(0.005)
         down = False
+        # The first backlog batch shows the forwarder has marked where live rows begin
+        # (`connected` turns True a step earlier, before the mark).
         async with asyncio.timeout(10):
-            while forwarder.stats.connected is not True:
+            while forwarder.stats.backlog_rows_sent == 0:
                 await asyncio.sleep(0.005)
         live_first = buffer.committed_seq(DEVICE) + 1
         buffer.append(DEVICE, samples(100, start=5000))  # live rows after the reconnect
